@@ -1,0 +1,107 @@
+"""The ``slm`` command line. Each verb parses its flags and calls one plain function:
+
+    slm prepare   -> slm.data.prepare.prepare
+    slm train     -> slm.train.run_training
+    slm generate  -> slm.generate.generate_text
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from slm.errors import SlmError
+
+
+def cmd_prepare(args) -> None:
+    from slm.data.prepare import prepare
+
+    prepare(args.source, args.out, args.tokenizer, args.val_fraction, args.text_field, args.workers or None)
+
+
+def cmd_train(args) -> None:
+    from slm.config import load_config
+    from slm.train import run_training
+
+    cfg = load_config(args.config, args.set)
+    result = run_training(cfg, resume=args.resume)
+    print(f"done: step {result['step']:,}, val loss {result['val_loss']:.4f} (best {result['best_val_loss']:.4f}), "
+          f"checkpoints in {cfg.training.out_dir}/ (best.pt, last.pt)")
+
+
+def cmd_generate(args) -> None:
+    from slm.generate import generate_text, load_model
+
+    lm = load_model(args.checkpoint, args.device)
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(args.prompt, end="", flush=True)
+        seed = None if args.seed is None else args.seed + i
+        generate_text(lm, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, seed,
+                      on_text=lambda piece: print(piece, end="", flush=True))
+        print()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slm", description="Build, train and use small GPT language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="tokenize text into train.bin / val.bin / meta.json")
+    p.add_argument("--source", default="sample",
+                   help="'sample' (bundled TinyStories), a .txt/.jsonl/.json file, a folder, or a Hugging Face "
+                        "dataset id such as roneneldan/TinyStories (default: sample)")
+    p.add_argument("--out", default="data/sample", help="output folder (default: data/sample)")
+    p.add_argument("--tokenizer", default="gpt2", help="gpt2, tinystories-4k, or a folder with tokenizer.json")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of documents held out for validation when the source has no validation split")
+    p.add_argument("--text-field", default="text", help="field with the text in JSON records / HF datasets")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: one per core)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model from a YAML config (default: the tiny CPU demo)")
+    p.add_argument("--config", default="tiny", help="YAML file, or a built-in name: tiny, seed30m, gpt_124m, gpt_350m")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set training.lr=3e-4 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in training.out_dir from its last.pt")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="write text with a trained model, streamed as it is produced")
+    p.add_argument("--checkpoint", default="runs/tiny/best.pt", help="checkpoint file (default: runs/tiny/best.pt)")
+    p.add_argument("--prompt", default="Once upon a time", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=200, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold, e.g. 0.9")
+    p.add_argument("--seed", type=int, default=None, help="make the output reproducible")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory; lower training.batch_size (raise gradient_accumulation_steps to keep "
+              "the effective batch) or use a smaller model", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "out of memory" in str(e).lower():
+            print("error: out of GPU memory; lower training.batch_size (raise training.gradient_accumulation_steps "
+                  "to keep the effective batch) or use a smaller model", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Loading a trained model from a checkpoint, with its config and tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slm.checkpoint import load_checkpoint
+from slm.config import Config, config_from_dict
+from slm.data.tokenizer import Tokenizer, get_tokenizer
+from slm.device import resolve_device, resolve_dtype
+from slm.errors import CheckpointError
+from slm.model import GPT
+
+
+@dataclass
+class LoadedModel:
+    model: GPT
+    tokenizer: Tokenizer
+    config: Config
+    device: torch.device
+    dtype: torch.dtype
+    step: int
+
+
+def load_model(checkpoint: str | Path, device: str = "auto") -> LoadedModel:
+    """Model (in eval mode, on ``device``), tokenizer and config of a checkpoint such as ``runs/tiny/best.pt``."""
+    state = load_checkpoint(checkpoint)
+    cfg = config_from_dict(state["config"])
+    model = GPT(cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{checkpoint}: weights do not match its config ({str(e).splitlines()[0][:200]})") from None
+    dev = resolve_device(device)
+    tokenizer = get_tokenizer(state.get("tokenizer", {}).get("name") or cfg.data.tokenizer)
+    return LoadedModel(model.to(dev).eval(), tokenizer, cfg, dev, resolve_dtype("auto", dev), state.get("step", 0))

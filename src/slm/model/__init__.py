@@ -1,0 +1,5 @@
+"""The model: ``GPT`` and its ``GPTConfig``. The attention code is in ``gpt.py``."""
+
+from slm.model.gpt import GPT, FeedForward, GPTConfig, KVCache, MultiHeadAttention, TransformerBlock
+
+__all__ = ["GPT", "GPTConfig", "KVCache", "MultiHeadAttention", "FeedForward", "TransformerBlock"]

@@ -1,0 +1,250 @@
+"""The training loop, top to bottom.
+
+    for each step:
+        lr <- warmup + cosine schedule
+        for each micro-step:  x, y <- batch(step, micro_step); loss <- model(x, y); backward
+        clip gradients; optimizer step
+        every log_every:        metrics line (loss, lr, tokens/s) -> metrics.jsonl + progress bar
+        every eval_every:       val loss; best.pt when it improved
+        every checkpoint_every: last.pt (model, optimizer, scaler, RNG: resume continues the same curve)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from slm.checkpoint import load_checkpoint, save_checkpoint
+from slm.config import Config, TrainingConfig, config_from_dict, save_config
+from slm.data.loader import BatchLoader, read_meta
+from slm.data.prepare import prepare
+from slm.device import autocast, resolve_device, resolve_dtype
+from slm.errors import CheckpointError, ConfigError
+from slm.model import GPT
+
+
+def lr_at(step: int, cfg: TrainingConfig) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": list(random.getstate()[1]) + [random.getstate()[0]],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    *internal, version = state["python"]
+    random.setstate((version, tuple(internal), None))
+
+
+class Trainer:
+    """Trains ``model`` on batches from ``train_loader``, evaluating on ``val_loader``.
+
+    ``trainer.train()`` runs to ``config.training.max_steps``; ``trainer.resume(path)`` first restores a
+    ``last.pt`` so the run continues exactly where it stopped.
+    """
+
+    def __init__(self, model: GPT, train_loader: BatchLoader, val_loader: BatchLoader, config: Config,
+                 device: str | torch.device | None = None, tokenizer: dict | None = None, progress: bool = True):
+        self.cfg = config
+        tc = config.training
+        self.device = torch.device(device) if device is not None else resolve_device(tc.device)
+        self.dtype = resolve_dtype(tc.dtype, self.device)
+        self.model = model.to(self.device)  # the raw model: what checkpoints hold
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.tokenizer = tokenizer or {}
+        self.progress = progress
+        self.run_dir = Path(tc.out_dir)
+        self.optimizer = self.model.configure_optimizer(tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps)
+        # fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 do not
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.forward = self.model
+        if tc.compile:
+            if self.device.type == "cuda":
+                self.forward = torch.compile(self.model)
+            else:
+                self._say(f"note: torch.compile is used on CUDA only; running eagerly on {self.device.type}")
+        self.step = 0
+        self.tokens_seen = 0
+        self.best_val_loss = float("inf")
+        self.tokens_per_step = tc.batch_size * tc.gradient_accumulation_steps * model.config.context_length
+
+    def _say(self, message: str) -> None:
+        if self.progress:
+            tqdm.write(message)
+
+    def _log(self, record: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over ``eval_batches`` fixed validation batches (the same ones every time)."""
+        self.model.eval()
+        losses = []
+        for i in range(self.cfg.training.eval_batches):
+            x, y = self.val_loader.get_batch(i)
+            with autocast(self.device, self.dtype):
+                _, loss = self.forward(x, y)
+            losses.append(loss.item())
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def checkpoint(self, full: bool = True) -> dict:
+        state = {
+            "model": self.model.state_dict(),
+            "config": self.cfg.to_dict(),
+            "tokenizer": self.tokenizer,
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "best_val_loss": self.best_val_loss,
+        }
+        if full:
+            state.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=_rng_state())
+        return state
+
+    def resume(self, path: str | Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        if "optimizer" not in state:
+            raise CheckpointError(f"{path} holds weights only (no optimizer state); resume from last.pt")
+        saved = config_from_dict(state["config"])
+        if saved.model != self.cfg.model:
+            raise CheckpointError(f"{path} was trained with model {saved.model}, not {self.cfg.model}; "
+                                  "use the config it was trained with")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.step, self.tokens_seen, self.best_val_loss = state["step"], state["tokens_seen"], state["best_val_loss"]
+        self._say(f"resumed from {path} at step {self.step:,} ({self.tokens_seen:,} tokens seen)")
+
+    def train(self, stop_after: int | None = None) -> dict:
+        """Train up to ``max_steps`` (or stop early after step ``stop_after``, leaving a resumable last.pt)."""
+        tc = self.cfg.training
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        n_params = self.model.count_parameters()
+        if self.step == 0:
+            self._log({"step": 0, "model/parameters": n_params})
+        self._say(
+            f"model: {n_params:,} parameters | device: {self.device} {str(self.dtype).replace('torch.', '')} | "
+            f"batch: {tc.batch_size} x {tc.gradient_accumulation_steps} accumulation x "
+            f"{self.model.config.context_length} tokens = {self.tokens_per_step:,} tokens/step"
+        )
+        self.model.train()
+        bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        train_loss = val_loss = float("nan")
+        t_last, tokens_last = time.time(), self.tokens_seen
+        while self.step < tc.max_steps:
+            # learning rate of this step
+            lr = lr_at(self.step, tc)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+
+            # forward/backward over the micro-batches of one optimizer step
+            loss_sum = torch.zeros((), device=self.device)
+            for micro in range(tc.gradient_accumulation_steps):
+                x, y = self.train_loader.get_batch(self.step, micro)
+                with autocast(self.device, self.dtype):
+                    _, loss = self.forward(x, y)
+                loss = loss / tc.gradient_accumulation_steps
+                self.scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+
+            # clip, step, clear
+            if tc.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.tokens_seen += self.tokens_per_step
+            bar.update(1)
+            last_step = self.step == tc.max_steps
+
+            # log
+            if self.step % tc.log_every == 0 or last_step:
+                train_loss = loss_sum.item()
+                now = time.time()
+                tokens_per_sec = (self.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+                t_last, tokens_last = now, self.tokens_seen
+                self._log({"step": self.step, "train/loss": train_loss, "train/lr": lr,
+                           "train/tokens_seen": self.tokens_seen, "train/tokens_per_sec": round(tokens_per_sec, 1)})
+                bar.set_postfix_str(f"loss {train_loss:.3f} | val {val_loss:.3f} | lr {lr:.2e} | "
+                                    f"{tokens_per_sec:,.0f} tok/s")
+
+            # evaluate; keep the best model
+            if self.step % tc.eval_every == 0 or last_step:
+                val_loss = self.evaluate()
+                self._log({"step": self.step, "val/loss": val_loss, "train/tokens_seen": self.tokens_seen})
+                if val_loss < self.best_val_loss:
+                    self.best_val_loss = val_loss
+                    save_checkpoint(self.checkpoint(full=False), self.run_dir / "best.pt")
+                self._say(f"step {self.step:,}: val loss {val_loss:.4f} (best {self.best_val_loss:.4f})")
+
+            # checkpoint to resume from
+            if self.step % tc.checkpoint_every == 0 or last_step or self.step == stop_after:
+                save_checkpoint(self.checkpoint(full=True), self.run_dir / "last.pt")
+            if self.step == stop_after:
+                break
+        bar.close()
+        return {"step": self.step, "train_loss": train_loss, "val_loss": val_loss,
+                "best_val_loss": self.best_val_loss, "tokens_seen": self.tokens_seen}
+
+
+def run_training(cfg: Config, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
+    """``slm train``: prepare the data if needed, build the model, train. Returns the final metrics."""
+    tc = cfg.training
+    run_dir = Path(tc.out_dir)
+    if (run_dir / "last.pt").exists() and not resume:
+        raise ConfigError(f"training.out_dir: {run_dir} already holds a run; pass --resume to continue it, "
+                          f"or set training.out_dir to a new folder")
+    if resume and not (run_dir / "last.pt").exists():
+        raise CheckpointError(f"--resume: no {run_dir / 'last.pt'} to resume from; drop --resume to start fresh")
+    device = resolve_device(tc.device)
+
+    # data: prepared once, then memory-mapped
+    data_dir = Path(cfg.data.dir)
+    if not (data_dir / "meta.json").exists():
+        prepare(cfg.data.source, data_dir, cfg.data.tokenizer, cfg.data.val_fraction, cfg.data.text_field,
+                cfg.data.num_workers or None, progress=progress)
+    meta = read_meta(data_dir)
+    if meta["vocab_size"] > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's tokenizer "
+                          f"({meta['tokenizer']}, {meta['vocab_size']} tokens); set it to at least {meta['vocab_size']}")
+    ctx = cfg.model.context_length
+    train_loader = BatchLoader(data_dir, "train", tc.batch_size, ctx, device, tc.seed)
+    val_loader = BatchLoader(data_dir, "val", tc.batch_size, ctx, device, tc.seed)
+
+    # model
+    torch.manual_seed(tc.seed)
+    model = GPT(cfg.model)
+    tokenizer = {"name": meta["tokenizer"], "vocab_size": meta["vocab_size"], "eot_id": meta["eot_id"]}
+    trainer = Trainer(model, train_loader, val_loader, cfg, device, tokenizer, progress)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    if resume:
+        trainer.resume(run_dir / "last.pt")
+    return trainer.train(stop_after)

@@ -1,0 +1,103 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from slm.cli import main
+from slm.data import open_tokens
+from slm.errors import CheckpointError, ConfigError
+from slm.train import lr_at, run_training
+from tests.conftest import small_config
+
+
+def metrics(run_dir, key):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def unigram_loss(data_dir):
+    """Cross-entropy of the val split under the train split's token frequencies (add-one smoothed)."""
+    train, val = np.asarray(open_tokens(data_dir, "train")), np.asarray(open_tokens(data_dir, "val"))
+    counts = np.bincount(train, minlength=4096) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[val].mean())
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = small_config(".", ".", max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1).training
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
+
+
+def test_training_beats_the_unigram_baseline(trained_run, sample_data):
+    run_dir, cfg, result = trained_run
+    baseline = unigram_loss(sample_data)
+    val = metrics(run_dir, "val/loss")
+    assert 5.5 < baseline < 7.0
+    assert result["best_val_loss"] < baseline - 1.0, (result, baseline)
+    assert val[300] < val[100]
+    assert (run_dir / "best.pt").exists() and (run_dir / "last.pt").exists()
+    first = metrics(run_dir, "train/loss")
+    assert first[1] > math.log(4096) - 0.5  # starts near uniform
+
+
+def test_metrics_file_has_the_expected_series(trained_run):
+    run_dir, _, _ = trained_run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*rows)
+    assert {"train/loss", "train/lr", "train/tokens_seen", "val/loss", "model/parameters"} <= keys
+
+
+def test_resume_continues_the_same_loss_curve(sample_data, tmp_path):
+    overrides = dict(max_steps=30, checkpoint_every=100, eval_every=10)
+    cfg_a = small_config(sample_data, tmp_path / "a", **overrides)
+    cfg_a.model.dropout = 0.1  # dropout draws random numbers: resume must restore the RNG too
+    reference = run_training(cfg_a, progress=False)
+
+    cfg_b = small_config(sample_data, tmp_path / "b", **overrides)
+    cfg_b.model.dropout = 0.1
+    run_training(cfg_b, progress=False, stop_after=13)
+    with pytest.raises(ConfigError, match="--resume"):
+        run_training(cfg_b, progress=False)
+    resumed = run_training(cfg_b, resume=True, progress=False)
+
+    a, b = metrics(tmp_path / "a", "train/loss"), metrics(tmp_path / "b", "train/loss")
+    assert [a[s] for s in range(14, 31)] == [b[s] for s in range(14, 31)]
+    assert resumed["val_loss"] == reference["val_loss"]
+
+
+def test_resume_without_a_checkpoint_is_an_error(sample_data, tmp_path):
+    with pytest.raises(CheckpointError, match="drop --resume"):
+        run_training(small_config(sample_data, tmp_path / "none"), resume=True, progress=False)
+
+
+def test_model_vocab_smaller_than_the_tokenizer_is_an_error(sample_data, tmp_path):
+    cfg = small_config(sample_data, tmp_path / "v")
+    cfg.model.vocab_size = 1000
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        run_training(cfg, progress=False)
+
+
+def test_cli_generate_streams_a_story(trained_run, capsys):
+    run_dir, _, _ = trained_run
+    args = ["generate", "--checkpoint", str(run_dir / "best.pt"), "--prompt", "once upon a time", "--seed", "1",
+            "--max-new-tokens", "60"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("once upon a time") and len(first.split()) > 15
+    assert main(args) == 0
+    assert capsys.readouterr().out == first  # same seed, same story
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config") and err.count("\n") == 1
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["train", "--set", "model.n_heads=5"]) == 2
+    assert capsys.readouterr().err.startswith("error: model.n_heads")
