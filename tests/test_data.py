@@ -11,7 +11,7 @@ DOCS = ["Once upon a time there was a cat.", "The dog ran to the park.\nIt was h
 
 
 def decode_docs(data_dir, split, tokenizer):
-    ids = open_tokens(data_dir, split).tolist()
+    ids = np.concatenate(open_tokens(data_dir, split)).tolist()
     docs, current = [], []
     for i in ids:
         if i == tokenizer.eot_id:
@@ -49,8 +49,8 @@ def test_prepare_round_trips_text(tmp_path, tokenizer):
     train, val = decode_docs(tmp_path / "out", "train", tok), decode_docs(tmp_path / "out", "val", tok)
     assert train == [d for i, d in enumerate(docs) if not is_val_document(i, 0.2)]
     assert val == [d for i, d in enumerate(docs) if is_val_document(i, 0.2)]
-    assert meta["train_tokens"] + meta["val_tokens"] == len(open_tokens(tmp_path / "out", "train")) + len(
-        open_tokens(tmp_path / "out", "val"))
+    assert meta["train_tokens"] + meta["val_tokens"] == sum(
+        len(s) for split in ("train", "val") for s in open_tokens(tmp_path / "out", split))
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["tokenizer"] == tokenizer
 
 
@@ -59,7 +59,7 @@ def test_parallel_prepare_equals_serial(tmp_path):
     parallel = prepare("sample", tmp_path / "b", "gpt2", progress=False, num_workers=2)
     assert serial["train_tokens"] == parallel["train_tokens"] > 900_000
     for split in ("train", "val"):
-        assert (tmp_path / "a" / f"{split}.bin").read_bytes() == (tmp_path / "b" / f"{split}.bin").read_bytes()
+        assert (tmp_path / "a" / f"{split}_000.bin").read_bytes() == (tmp_path / "b" / f"{split}_000.bin").read_bytes()
 
 
 def test_sources_txt_blank_lines_jsonl_and_folders(tmp_path):
@@ -89,9 +89,9 @@ def test_batches_are_shifted_windows_and_deterministic(sample_data):
 
 
 def test_truncated_bin_is_detected(sample_data, tmp_path):
-    for name in ("meta.json", "train.bin", "val.bin"):
+    for name in ("meta.json", "train_000.bin", "val_000.bin"):
         (tmp_path / name).write_bytes((sample_data / name).read_bytes())
-    with open(tmp_path / "train.bin", "r+b") as f:
+    with open(tmp_path / "train_000.bin", "r+b") as f:
         f.truncate(1001)
     with pytest.raises(DataError, match="truncated"):
         open_tokens(tmp_path, "train")

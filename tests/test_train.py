@@ -18,7 +18,7 @@ def metrics(run_dir, key):
 
 def unigram_loss(data_dir):
     """Cross-entropy of the val split under the train split's token frequencies (add-one smoothed)."""
-    train, val = np.asarray(open_tokens(data_dir, "train")), np.asarray(open_tokens(data_dir, "val"))
+    train, val = (np.concatenate(open_tokens(data_dir, split)) for split in ("train", "val"))
     counts = np.bincount(train, minlength=4096) + 1.0
     logp = np.log(counts / counts.sum())
     return float(-logp[val].mean())

@@ -1,8 +1,9 @@
 """The ``slm`` command line. Each verb parses its flags and calls one plain function:
 
-    slm prepare   -> slm.data.prepare.prepare
-    slm train     -> slm.train.run_training
-    slm generate  -> slm.generate.generate_text
+    slm prepare           -> slm.data.prepare.prepare
+    slm tokenizer train   -> slm.data.tokenizer.build_tokenizer
+    slm train             -> slm.train.run_training
+    slm generate          -> slm.generate.generate_text
 """
 
 from __future__ import annotations
@@ -16,7 +17,18 @@ from slm.errors import SlmError
 def cmd_prepare(args) -> None:
     from slm.data.prepare import prepare
 
-    prepare(args.source, args.out, args.tokenizer, args.val_fraction, args.text_field, args.workers or None)
+    prepare(args.source, args.out, args.tokenizer, args.val_fraction, args.text_field, args.workers or None,
+            shard_tokens=args.shard_tokens)
+
+
+def cmd_tokenizer_train(args) -> None:
+    from slm.data.tokenizer import build_tokenizer, get_tokenizer
+
+    path = build_tokenizer(args.data, args.vocab_size, args.out, args.text_field, args.max_mb)
+    tok = get_tokenizer(args.out)
+    sample = "Once upon a time, there was a little robot."
+    print(f"wrote {path} ({tok.vocab_size:,} tokens, <|endoftext|> = {tok.eot_id}); "
+          f"{sample!r} -> {len(tok.encode(sample))} tokens")
 
 
 def cmd_train(args) -> None:
@@ -57,7 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of documents held out for validation when the source has no validation split")
     p.add_argument("--text-field", default="text", help="field with the text in JSON records / HF datasets")
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: one per core)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000,
+                   help="tokens per shard file (default: 100M); an interrupted prepare resumes from its last shard")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("tokenizer", help="make a tokenizer for your data")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    t = tsub.add_parser("train", help="train a byte-level BPE (Hugging Face tokenizers) on a source")
+    t.add_argument("--data", default="sample", help="any source `slm prepare` accepts (default: sample)")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--out", required=True, help="folder to write tokenizer.json to")
+    t.add_argument("--text-field", default="text")
+    t.add_argument("--max-mb", type=float, default=1000.0, help="sample at most this much text (default: 1000 MB)")
+    t.set_defaults(func=cmd_tokenizer_train)
 
     p = sub.add_parser("train", help="train a model from a YAML config (default: the tiny CPU demo)")
     p.add_argument("--config", default="tiny", help="YAML file, or a built-in name: tiny, seed30m, gpt_124m, gpt_350m")

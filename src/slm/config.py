@@ -172,6 +172,8 @@ def _build(cls, values, prefix: str):
             close = difflib.get_close_matches(str(raw_key), names + list(aliases), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"{key}: unknown key{hint}")
+        if cls is GPTConfig and name == "vocab_size" and value == "auto":
+            value = 0  # taken from the data's tokenizer at training time
         kwargs[name] = _coerce(value, hints[name], key)
     try:
         return cls(**kwargs)

@@ -23,22 +23,27 @@ from slm.errors import DataError
 
 
 class _Windows(Dataset):
-    """Consecutive (x, y) windows of ``context_length`` tokens over a 1-D token array."""
+    """Consecutive (x, y) windows of ``context_length`` tokens over one or more 1-D token arrays (shards)."""
 
-    def __init__(self, tokens, context_length: int, stride: int | None = None):
-        self.tokens, self.context_length = tokens, context_length
+    def __init__(self, shards: list, context_length: int, stride: int | None = None):
+        self.shards, self.context_length = shards, context_length
         self.stride = stride or context_length
-        if len(tokens) < context_length + 1:
-            raise DataError(f"only {len(tokens)} tokens: need at least context_length + 1 = {context_length + 1}")
+        counts = [max(0, (len(s) - context_length - 1) // self.stride + 1) for s in shards]
+        if sum(counts) == 0:
+            raise DataError(f"only {max(len(s) for s in shards)} tokens in a shard: need at least "
+                            f"context_length + 1 = {context_length + 1}")
+        self._first = np.concatenate([[0], np.cumsum(counts)])  # window index where each shard starts
 
     def __len__(self) -> int:
-        return (len(self.tokens) - self.context_length - 1) // self.stride + 1
+        return int(self._first[-1])
 
     def __getitem__(self, i: int):
         if not 0 <= i < len(self):
             raise IndexError(i)
-        start = i * self.stride
-        window = torch.from_numpy(np.asarray(self.tokens[start : start + self.context_length + 1], dtype=np.int64))
+        shard = int(np.searchsorted(self._first, i, side="right") - 1)
+        start = (i - int(self._first[shard])) * self.stride
+        chunk = self.shards[shard][start : start + self.context_length + 1]
+        window = torch.from_numpy(np.asarray(chunk, dtype=np.int64))
         return window[:-1], window[1:]
 
 
@@ -52,7 +57,7 @@ class TextDataset(_Windows):
         for doc in tokenizer.encode_batch(list(texts)):
             ids.extend(doc)
             ids.append(tokenizer.eot_id)
-        super().__init__(np.array(ids, dtype=np.int64), context_length, stride)
+        super().__init__([np.array(ids, dtype=np.int64)], context_length, stride)
 
 
 class TokenFileDataset(_Windows):

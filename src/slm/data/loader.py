@@ -30,24 +30,29 @@ def read_meta(data_dir: str | Path) -> dict:
     return meta
 
 
-def open_tokens(data_dir: str | Path, split: str) -> np.memmap:
-    """The token ids of one split as a read-only memmap, after checking the file against meta.json."""
+def open_tokens(data_dir: str | Path, split: str) -> list[np.memmap]:
+    """The token shards of one split as read-only memmaps, after checking each file against meta.json."""
     meta = read_meta(data_dir)
-    path = Path(data_dir) / f"{split}.bin"
-    if not path.is_file():
-        raise DataError(f"{path} not found: run `slm prepare --out {data_dir}` again")
     dtype = np.dtype(meta["dtype"])
-    size = path.stat().st_size
-    if size % dtype.itemsize:
-        raise DataError(f"{path} is truncated ({size} bytes is not a multiple of {dtype.itemsize}); prepare it again")
-    expected = meta.get(f"{split}_tokens")
-    if expected is not None and size // dtype.itemsize != expected:
-        raise DataError(
-            f"{path} holds {size // dtype.itemsize:,} tokens but meta.json says {expected:,}; prepare it again"
-        )
-    if size == 0:
-        raise DataError(f"{path} is empty; prepare it again with more text")
-    return np.memmap(path, dtype=dtype, mode="r")
+    names = meta.get("shards", {}).get(split) or [f"{split}.bin"]  # format 1: a single file per split
+    expected = meta.get("shard_tokens", {}).get(split) or [meta.get(f"{split}_tokens")]
+    shards = []
+    for name, count in zip(names, expected):
+        path = Path(data_dir) / name
+        if not path.is_file():
+            raise DataError(f"{path} not found: run `slm prepare --out {data_dir}` again")
+        size = path.stat().st_size
+        if size % dtype.itemsize:
+            raise DataError(f"{path} is truncated ({size} bytes is not a multiple of {dtype.itemsize}); "
+                            "prepare it again")
+        if count is not None and size // dtype.itemsize != count:
+            raise DataError(f"{path} holds {size // dtype.itemsize:,} tokens but meta.json says {count:,}; "
+                            "prepare it again")
+        if size:
+            shards.append(np.memmap(path, dtype=dtype, mode="r"))
+    if not shards:
+        raise DataError(f"{data_dir}: the {split} split is empty; prepare it again with more text")
+    return shards
 
 
 class BatchLoader:
@@ -63,12 +68,14 @@ class BatchLoader:
         seed: int = 0,
         rank: int = 0,
     ):
-        self.tokens = open_tokens(data_dir, split)
-        if len(self.tokens) <= context_length + 1:
+        self.shards = open_tokens(data_dir, split)
+        windows = np.array([max(0, len(s) - context_length - 1) for s in self.shards], dtype=np.int64)
+        if windows.sum() == 0:
             raise DataError(
-                f"{data_dir}/{split}.bin has {len(self.tokens)} tokens, fewer than one window of "
-                f"context_length={context_length} + 1; use more text or a shorter context"
+                f"{data_dir}: the {split} split has no shard longer than context_length={context_length} + 1 "
+                "tokens; use more text or a shorter context"
             )
+        self._first_window = np.concatenate([[0], np.cumsum(windows)])  # window index where each shard starts
         self.split, self.batch_size, self.context_length = split, batch_size, context_length
         self.device = torch.device(device)
         self.seed, self.rank = seed, rank
@@ -76,8 +83,10 @@ class BatchLoader:
 
     def get_batch(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, SPLIT_KEYS.get(self.split, 2), step, micro_step, self.rank])
-        starts = rng.integers(0, len(self.tokens) - self.context_length - 1, size=self.batch_size)
-        window = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
+        picks = rng.integers(0, self._first_window[-1], size=self.batch_size)  # uniform over all windows
+        shard_of = np.searchsorted(self._first_window, picks, side="right") - 1
+        rows = [self.shards[s][p - self._first_window[s] + self._offsets] for s, p in zip(shard_of, picks)]
+        window = torch.from_numpy(np.stack(rows).astype(np.int64))
         if self.device.type == "cuda":
             window = window.pin_memory().to(self.device, non_blocking=True)
         else:

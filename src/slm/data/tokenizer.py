@@ -66,16 +66,27 @@ class TiktokenTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A byte-level BPE from a Hugging Face ``tokenizer.json``."""
 
-    def __init__(self, name: str, path: Path):
-        from tokenizers import Tokenizer as _HF
-
-        self.name, self.path = name, path
-        self.hf = _HF.from_file(str(path))
+    def __init__(self, name: str, hf):
+        self.name, self.hf = name, hf
         eot = self.hf.token_to_id(EOT)
         if eot is None:
-            raise ConfigError(f"data.tokenizer: {path} has no {EOT} token")
+            raise ConfigError(f"data.tokenizer: {name} has no {EOT} token")
         self.eot_id, self.vocab_size = eot, self.hf.get_vocab_size()
         self._byte_decoder = _bytes_of_token_strings()
+
+    @classmethod
+    def from_file(cls, name: str, path: Path) -> HFTokenizer:
+        from tokenizers import Tokenizer as _HF
+
+        try:
+            return cls(name, _HF.from_file(str(path)))
+        except Exception as e:  # the tokenizers library raises plain Exceptions for bad files
+            raise ConfigError(f"data.tokenizer: {path} is not a valid tokenizer.json ({str(e)[:160]})") from None
+
+    @property
+    def json(self) -> str:
+        """The whole tokenizer as JSON text (stored in checkpoints so models travel with their tokenizer)."""
+        return self.hf.to_str()
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
@@ -127,18 +138,38 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
     if name == "gpt2":
         return _gpt2()
     if name in BUNDLED:
-        return HFTokenizer(name, _asset(BUNDLED[name]))
+        return HFTokenizer.from_file(name, _asset(BUNDLED[name]))
     path = Path(name).expanduser()
     if path.is_dir():
         path = path / "tokenizer.json"
     if path.is_file():
-        return HFTokenizer(str(Path(name)), path)
+        return HFTokenizer.from_file(str(Path(name)), path)
     raise ConfigError(f"data.tokenizer: {name!r} is neither a built-in tokenizer ({', '.join(['gpt2', *BUNDLED])}) "
                       "nor a folder with tokenizer.json")
 
 
+def tokenizer_info(tok: Tokenizer) -> dict:
+    """What a checkpoint stores about its tokenizer: enough to rebuild it anywhere."""
+    info = {"name": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}
+    if isinstance(tok, HFTokenizer) and tok.name not in BUNDLED:
+        info["json"] = tok.json
+    return info
+
+
+def tokenizer_from_info(info: dict) -> Tokenizer:
+    """Inverse of ``tokenizer_info``."""
+    if info.get("json"):
+        from tokenizers import Tokenizer as _HF
+
+        return HFTokenizer(info["name"], _HF.from_str(info["json"]))
+    return get_tokenizer(info["name"])
+
+
 def train_tokenizer(documents, vocab_size: int, out_dir: str | os.PathLike) -> Path:
-    """Train a byte-level BPE with ``<|endoftext|>`` as a special token; writes ``out_dir/tokenizer.json``."""
+    """Train a byte-level BPE with ``<|endoftext|>`` as a special token; writes ``out_dir/tokenizer.json``.
+
+    ``documents`` is any iterable of strings; it is consumed as a stream.
+    """
     from tokenizers import Tokenizer as _HF
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -154,3 +185,30 @@ def train_tokenizer(documents, vocab_size: int, out_dir: str | os.PathLike) -> P
     out.mkdir(parents=True, exist_ok=True)
     hf.save(str(out / "tokenizer.json"))
     return out / "tokenizer.json"
+
+
+def build_tokenizer(source: str, vocab_size: int, out_dir: str | os.PathLike, text_field: str = "text",
+                    max_mb: float = 1000.0) -> Path:
+    """``slm tokenizer train``: a BPE trained on (a sample of) any source ``slm prepare`` accepts.
+
+    A corpus larger than ``max_mb`` is sampled: every k-th document of a local corpus of known size,
+    else the first ``max_mb`` of the stream.
+    """
+    from slm.data.sources import iter_documents, local_files
+
+    files = local_files(source)
+    total = sum(f.stat().st_size for f in files) if files else None
+    budget = int(max_mb * 1e6)
+    every = max(1, -(-total // budget)) if total else 1
+
+    def sample():
+        seen = 0
+        for i, doc in enumerate(iter_documents(source, "train", text_field)):
+            if i % every:
+                continue
+            yield doc
+            seen += len(doc)
+            if seen >= budget:
+                return
+
+    return train_tokenizer(sample(), vocab_size, out_dir)

@@ -9,7 +9,7 @@ import torch
 
 from slm.checkpoint import load_checkpoint
 from slm.config import Config, config_from_dict
-from slm.data.tokenizer import Tokenizer, get_tokenizer
+from slm.data.tokenizer import Tokenizer, tokenizer_from_info
 from slm.device import resolve_device, resolve_dtype
 from slm.errors import CheckpointError
 from slm.model import GPT
@@ -35,5 +35,6 @@ def load_model(checkpoint: str | Path, device: str = "auto") -> LoadedModel:
     except RuntimeError as e:
         raise CheckpointError(f"{checkpoint}: weights do not match its config ({str(e).splitlines()[0][:200]})") from None
     dev = resolve_device(device)
-    tokenizer = get_tokenizer(state.get("tokenizer", {}).get("name") or cfg.data.tokenizer)
+    info = state.get("tokenizer") or {"name": cfg.data.tokenizer}
+    tokenizer = tokenizer_from_info(info)
     return LoadedModel(model.to(dev).eval(), tokenizer, cfg, dev, resolve_dtype("auto", dev), state.get("step", 0))

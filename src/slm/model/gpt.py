@@ -23,7 +23,7 @@ from slm.errors import ConfigError
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50257  # GPT-2 BPE
+    vocab_size: int = 50257  # GPT-2 BPE; 0 ("auto" in YAML) = the vocabulary size of the training data
     context_length: int = 1024  # longest sequence the position table covers
     n_layers: int = 12
     n_heads: int = 12
@@ -35,7 +35,7 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "n_layers", "n_heads", "d_model", "d_ff"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "vocab_size" else 1):
                 raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
         if self.d_model % self.n_heads:
             raise ConfigError(
@@ -138,6 +138,8 @@ class TransformerBlock(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        if config.vocab_size == 0:
+            raise ValueError("GPTConfig.vocab_size is 0 (auto): set it from the tokenizer before building the model")
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.context_length, config.d_model)

@@ -25,6 +25,7 @@ from slm.checkpoint import load_checkpoint, save_checkpoint
 from slm.config import Config, TrainingConfig, config_from_dict, save_config
 from slm.data.loader import BatchLoader, read_meta
 from slm.data.prepare import prepare
+from slm.data.tokenizer import get_tokenizer, tokenizer_info
 from slm.device import autocast, resolve_device, resolve_dtype
 from slm.errors import CheckpointError, ConfigError
 from slm.model import GPT
@@ -231,6 +232,11 @@ def run_training(cfg: Config, resume: bool = False, progress: bool = True, stop_
         prepare(cfg.data.source, data_dir, cfg.data.tokenizer, cfg.data.val_fraction, cfg.data.text_field,
                 cfg.data.num_workers or None, progress=progress)
     meta = read_meta(data_dir)
+    if meta["tokenizer"] != cfg.data.tokenizer:
+        raise ConfigError(f"data.tokenizer: {cfg.data.dir} was prepared with tokenizer {meta['tokenizer']!r}, not "
+                          f"{cfg.data.tokenizer!r}; set data.dir to a new folder (it is prepared automatically)")
+    if cfg.model.vocab_size == 0:  # auto
+        cfg.model.vocab_size = meta["vocab_size"]
     if meta["vocab_size"] > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's tokenizer "
                           f"({meta['tokenizer']}, {meta['vocab_size']} tokens); set it to at least {meta['vocab_size']}")
@@ -241,7 +247,7 @@ def run_training(cfg: Config, resume: bool = False, progress: bool = True, stop_
     # model
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model)
-    tokenizer = {"name": meta["tokenizer"], "vocab_size": meta["vocab_size"], "eot_id": meta["eot_id"]}
+    tokenizer = tokenizer_info(get_tokenizer(meta["tokenizer"]))
     trainer = Trainer(model, train_loader, val_loader, cfg, device, tokenizer, progress)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
