@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from slm.config import load_config
-from slm.data.prepare import prepare
+from slm.data.shards import prepare
 
 torch.set_num_threads(2)
 

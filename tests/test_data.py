@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from slm.data import BatchLoader, TextDataset, create_dataloader, get_tokenizer, iter_documents, open_tokens, prepare
-from slm.data.prepare import is_val_document
+from slm.data.shards import is_val_document
 from slm.errors import DataError
 
 DOCS = ["Once upon a time there was a cat.", "The dog ran to the park.\nIt was happy.", "héllo wörld 😀 — done!"]

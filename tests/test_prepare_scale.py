@@ -5,10 +5,9 @@ import json
 import numpy as np
 import pytest
 
-import importlib
+import slm.data.shards as prep
 from slm.cli import main
 
-prep = importlib.import_module("slm.data.prepare")  # the module (slm.data.prepare the attribute is the function)
 from slm.data import BatchLoader, get_tokenizer, iter_documents, open_tokens, prepare
 from slm.data.tokenizer import build_tokenizer, tokenizer_from_info, tokenizer_info
 

@@ -1,6 +1,6 @@
 """The ``slm`` command line. Each verb parses its flags and calls one plain function:
 
-    slm prepare           -> slm.data.prepare.prepare
+    slm prepare           -> slm.data.shards.prepare
     slm tokenizer train   -> slm.data.tokenizer.build_tokenizer
     slm train             -> slm.train.run_training
     slm generate          -> slm.generate.generate_text
@@ -15,7 +15,7 @@ from slm.errors import SlmError
 
 
 def cmd_prepare(args) -> None:
-    from slm.data.prepare import prepare
+    from slm.data.shards import prepare
 
     prepare(args.source, args.out, args.tokenizer, args.val_fraction, args.text_field, args.workers or None,
             shard_tokens=args.shard_tokens)

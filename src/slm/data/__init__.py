@@ -1,10 +1,21 @@
-"""Data: source -> tokenizer -> token files on disk (``prepare``) -> batches (``BatchLoader``)."""
+"""Data: source -> tokenizer -> token shards on disk (``prepare``) -> batches (``BatchLoader``).
 
-from slm.data.dataset import TextDataset, TokenFileDataset, create_dataloader
-from slm.data.loader import BatchLoader, open_tokens, read_meta
-from slm.data.prepare import prepare
-from slm.data.sources import iter_documents
-from slm.data.tokenizer import Tokenizer, get_tokenizer
+Names are imported lazily so that ``slm prepare`` and its worker processes never load torch.
+"""
 
-__all__ = ["BatchLoader", "TextDataset", "TokenFileDataset", "Tokenizer", "create_dataloader", "get_tokenizer",
-           "iter_documents", "open_tokens", "prepare", "read_meta"]
+import importlib
+
+_EXPORTS = {
+    "BatchLoader": "loader", "open_tokens": "loader", "read_meta": "loader",
+    "TextDataset": "dataset", "TokenFileDataset": "dataset", "create_dataloader": "dataset",
+    "prepare": "shards",
+    "iter_documents": "sources",
+    "Tokenizer": "tokenizer", "get_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"slm.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'slm.data' has no attribute {name!r}")

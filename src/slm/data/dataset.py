@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from slm.data.loader import open_tokens
-from slm.data.prepare import prepare
+from slm.data.shards import prepare
 from slm.data.tokenizer import Tokenizer, get_tokenizer
 from slm.errors import DataError
 

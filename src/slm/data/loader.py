@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm.data.prepare import META
+from slm.data.shards import META
 from slm.errors import DataError
 
 SPLIT_KEYS = {"train": 0, "val": 1}

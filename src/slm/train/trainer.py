@@ -24,7 +24,7 @@ from tqdm import tqdm
 from slm.checkpoint import load_checkpoint, save_checkpoint
 from slm.config import Config, TrainingConfig, config_from_dict, save_config
 from slm.data.loader import BatchLoader, read_meta
-from slm.data.prepare import prepare
+from slm.data.shards import prepare
 from slm.data.tokenizer import get_tokenizer, tokenizer_info
 from slm.device import autocast, resolve_device, resolve_dtype
 from slm.errors import CheckpointError, ConfigError
