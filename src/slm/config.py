@@ -56,6 +56,7 @@ class TrainingConfig:
     dtype: str = "auto"  # auto = bfloat16 on GPUs that have it, else float16 on GPU, float32 on CPU
     device: str = "auto"  # auto = cuda if available, else mps, else cpu
     compile: bool = True  # torch.compile the model (skipped with a notice where it is unavailable)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     eval_every: int = 250  # steps between validation runs (and best.pt updates)
     eval_batches: int = 20  # batches per validation run
     checkpoint_every: int = 500  # steps between last.pt saves

@@ -29,11 +29,17 @@ def load_model(checkpoint: str | Path, device: str = "auto") -> LoadedModel:
     """Model (in eval mode, on ``device``), tokenizer and config of a checkpoint such as ``runs/tiny/best.pt``."""
     state = load_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"])
-    model = GPT(cfg.model)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{checkpoint}: weights do not match its config ({str(e).splitlines()[0][:200]})") from None
+    if "lora" in state:  # a fine-tune's adapters: load its base and merge them in
+        from slm.train.finetune import load_lora_model
+
+        model, _ = load_lora_model(state)
+    else:
+        model = GPT(cfg.model)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"{checkpoint}: weights do not match its config ({str(e).splitlines()[0][:200]})") from None
     dev = resolve_device(device)
     info = state.get("tokenizer") or {"name": cfg.data.tokenizer}
     tokenizer = tokenizer_from_info(info)

@@ -80,6 +80,9 @@ class Trainer:
         self.optimizer = self.model.configure_optimizer(tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps)
         # fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.model.gradient_checkpointing = tc.gradient_checkpointing
+        self.model_state = self.model.state_dict  # what checkpoints store (a fine-tune stores only its adapters)
+        self.extra: dict = {}  # more entries for every checkpoint (a fine-tune records its base and LoRA settings)
         self.forward = self.model
         if tc.compile:
             if self.device.type == "cuda":
@@ -114,7 +117,8 @@ class Trainer:
 
     def checkpoint(self, full: bool = True) -> dict:
         state = {
-            "model": self.model.state_dict(),
+            **self.extra,
+            "model": self.model_state(),
             "config": self.cfg.to_dict(),
             "tokenizer": self.tokenizer,
             "step": self.step,
@@ -133,7 +137,7 @@ class Trainer:
         if saved.model != self.cfg.model:
             raise CheckpointError(f"{path} was trained with model {saved.model}, not {self.cfg.model}; "
                                   "use the config it was trained with")
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state["model"], strict="lora" not in state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
