@@ -3,6 +3,7 @@
     slm prepare           -> slm.data.shards.prepare
     slm tokenizer train   -> slm.data.tokenizer.build_tokenizer
     slm train             -> slm.train.run_training
+    slm finetune          -> slm.train.finetune.run_finetune
     slm generate          -> slm.generate.generate_text
 """
 
@@ -39,6 +40,15 @@ def cmd_train(args) -> None:
     result = run_training(cfg, resume=args.resume)
     print(f"done: step {result['step']:,}, val loss {result['val_loss']:.4f} (best {result['best_val_loss']:.4f}), "
           f"checkpoints in {cfg.training.out_dir}/ (best.pt, last.pt)")
+
+
+def cmd_finetune(args) -> None:
+    from slm.train.finetune import run_finetune
+
+    result = run_finetune(args.checkpoint, args.data, args.out, args.lora_rank, args.lora_alpha, args.lora_dropout,
+                          args.set, merge=args.merge, resume=args.resume)
+    print(f"done: {result['trainable_parameters']:,} LoRA parameters trained, val loss {result['val_loss']:.4f}; "
+          f"adapters in {args.out}/best.pt" + (f", merged model in {result['merged']}" if "merged" in result else ""))
 
 
 def cmd_generate(args) -> None:
@@ -89,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set training.lr=3e-4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in training.out_dir from its last.pt")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a trained model with LoRA adapters")
+    p.add_argument("--checkpoint", required=True, help="the base model, e.g. runs/tiny/best.pt")
+    p.add_argument("--data", required=True, help="a prepared data folder, or any source `slm prepare` accepts")
+    p.add_argument("--out", required=True, help="run folder for the adapters")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="the update is scaled by alpha / rank")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--merge", action="store_true", help="also write merged.pt: the base with the adapters folded in")
+    p.add_argument("--resume", action="store_true", help="continue the fine-tune in --out from its last.pt")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set training.max_steps=500 (repeatable)")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("generate", help="write text with a trained model, streamed as it is produced")
     p.add_argument("--checkpoint", default="runs/tiny/best.pt", help="checkpoint file (default: runs/tiny/best.pt)")
