@@ -53,6 +53,7 @@ class TrainingConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss/gradient (they are skipped)
     dtype: str = "auto"  # auto = bfloat16 on GPUs that have it, else float16 on GPU, float32 on CPU
     device: str = "auto"  # auto = cuda if available, else mps, else cpu
     compile: bool = True  # torch.compile the model (skipped with a notice where it is unavailable)
@@ -74,7 +75,7 @@ class TrainingConfig:
 
     def __post_init__(self):
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "eval_every", "eval_batches",
-                     "checkpoint_every", "log_every"):
+                     "checkpoint_every", "log_every", "max_bad_steps"):
             _check(getattr(self, name) > 0, name, "a positive integer", getattr(self, name))
         _check(self.lr > 0, "lr", "a positive number", self.lr)
         _check(0 <= self.min_lr <= self.lr, "min_lr", f"a number between 0 and lr={self.lr}", self.min_lr)

@@ -15,3 +15,7 @@ class DataError(SlmError):
 
 class CheckpointError(SlmError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+class TrainingDiverged(SlmError):
+    """Too many steps in a row with a non-finite loss or gradient."""

@@ -67,6 +67,7 @@ class BatchLoader:
         device: str | torch.device = "cpu",
         seed: int = 0,
         rank: int = 0,
+        vocab_size: int | None = None,
     ):
         self.shards = open_tokens(data_dir, split)
         windows = np.array([max(0, len(s) - context_length - 1) for s in self.shards], dtype=np.int64)
@@ -78,7 +79,8 @@ class BatchLoader:
         self._first_window = np.concatenate([[0], np.cumsum(windows)])  # window index where each shard starts
         self.split, self.batch_size, self.context_length = split, batch_size, context_length
         self.device = torch.device(device)
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.vocab_size = seed, rank, vocab_size
+        self.data_dir = data_dir
         self._offsets = np.arange(context_length + 1)
 
     def get_batch(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +88,11 @@ class BatchLoader:
         picks = rng.integers(0, self._first_window[-1], size=self.batch_size)  # uniform over all windows
         shard_of = np.searchsorted(self._first_window, picks, side="right") - 1
         rows = [self.shards[s][p - self._first_window[s] + self._offsets] for s, p in zip(shard_of, picks)]
-        window = torch.from_numpy(np.stack(rows).astype(np.int64))
+        window = np.stack(rows).astype(np.int64)
+        if self.vocab_size is not None and window.max() >= self.vocab_size:
+            raise DataError(f"{self.data_dir}: the {self.split} data holds token id {window.max()}, but the model's "
+                            f"vocab_size is {self.vocab_size}; the data was prepared with another tokenizer")
+        window = torch.from_numpy(window)
         if self.device.type == "cuda":
             window = window.pin_memory().to(self.device, non_blocking=True)
         else:

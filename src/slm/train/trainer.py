@@ -27,7 +27,7 @@ from slm.data.loader import BatchLoader, read_meta
 from slm.data.shards import prepare
 from slm.data.tokenizer import get_tokenizer, tokenizer_info
 from slm.device import autocast, resolve_device, resolve_dtype
-from slm.errors import CheckpointError, ConfigError
+from slm.errors import CheckpointError, ConfigError, TrainingDiverged
 from slm.model import GPT
 
 
@@ -78,8 +78,14 @@ class Trainer:
         self.progress = progress
         self.run_dir = Path(tc.out_dir)
         self.optimizer = self.model.configure_optimizer(tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps)
-        # fp16 needs loss scaling to keep small gradients from underflowing; bf16 and fp32 do not
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        # Every step goes through a GradScaler, which skips the optimizer step when a gradient is inf/NaN
+        # (without a GPU sync on fused optimizers). fp16 needs its dynamic loss scaling; for bf16/fp32 the
+        # scale starts at 1, never grows, and halves on each skipped step: we read it at log steps to count them.
+        self.fp16 = self.dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**16 if self.fp16 else 1.0,
+                                           growth_interval=2000 if self.fp16 else 2**30)
+        self.skipped_steps = 0  # steps skipped for non-finite loss or gradients
+        self.bad_in_a_row = 0
         self.model.gradient_checkpointing = tc.gradient_checkpointing
         self.model_state = self.model.state_dict  # what checkpoints store (a fine-tune stores only its adapters)
         self.extra: dict = {}  # more entries for every checkpoint (a fine-tune records its base and LoRA settings)
@@ -144,6 +150,22 @@ class Trainer:
         self.step, self.tokens_seen, self.best_val_loss = state["step"], state["tokens_seen"], state["best_val_loss"]
         self._say(f"resumed from {path} at step {self.step:,} ({self.tokens_seen:,} tokens seen)")
 
+    def _check_finite(self, last_loss: float, window: int) -> None:
+        """Count the steps skipped since the last check; stop after ``max_bad_steps`` in a row."""
+        if self.fp16:  # the scaler's own overflow skips are routine; only a non-finite loss is a fault
+            bad = 0 if math.isfinite(last_loss) else 1
+        else:
+            bad = round(math.log2(1.0 / self.scaler.get_scale()))
+            self.scaler.update(1.0)
+        self.skipped_steps += bad
+        self.bad_in_a_row = self.bad_in_a_row + bad if bad >= window else 0
+        if self.bad_in_a_row >= self.cfg.training.max_bad_steps:
+            last = self.run_dir / "last.pt"
+            good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"training stopped at step {self.step:,}: {self.bad_in_a_row} steps in a row had a non-finite loss "
+                f"or gradient; {good}. Lower training.lr, raise training.warmup_steps or use bfloat16")
+
     def train(self, stop_after: int | None = None) -> dict:
         """Train up to ``max_steps`` (or stop early after step ``stop_after``, leaving a resumable last.pt)."""
         tc = self.cfg.training
@@ -160,61 +182,65 @@ class Trainer:
         bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
         train_loss = val_loss = float("nan")
-        t_last, tokens_last = time.time(), self.tokens_seen
-        while self.step < tc.max_steps:
-            # learning rate of this step
-            lr = lr_at(self.step, tc)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+        t_last, tokens_last, logged_step = time.time(), self.tokens_seen, self.step
+        try:
+            while self.step < tc.max_steps:
+                # learning rate of this step
+                lr = lr_at(self.step, tc)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
 
-            # forward/backward over the micro-batches of one optimizer step
-            loss_sum = torch.zeros((), device=self.device)
-            for micro in range(tc.gradient_accumulation_steps):
-                x, y = self.train_loader.get_batch(self.step, micro)
-                with autocast(self.device, self.dtype):
-                    _, loss = self.forward(x, y)
-                loss = loss / tc.gradient_accumulation_steps
-                self.scaler.scale(loss).backward()
-                loss_sum += loss.detach()
+                # forward/backward over the micro-batches of one optimizer step
+                loss_sum = torch.zeros((), device=self.device)
+                for micro in range(tc.gradient_accumulation_steps):
+                    x, y = self.train_loader.get_batch(self.step, micro)
+                    with autocast(self.device, self.dtype):
+                        _, loss = self.forward(x, y)
+                    loss = loss / tc.gradient_accumulation_steps
+                    self.scaler.scale(loss).backward()
+                    loss_sum += loss.detach()
 
-            # clip, step, clear
-            if tc.grad_clip > 0:
+                # clip, step, clear
                 self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            self.tokens_seen += self.tokens_per_step
-            bar.update(1)
-            last_step = self.step == tc.max_steps
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or float("inf"))
+                self.scaler.step(self.optimizer)  # skipped when a gradient is not finite
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.tokens_seen += self.tokens_per_step
+                bar.update(1)
+                last_step = self.step == tc.max_steps
 
-            # log
-            if self.step % tc.log_every == 0 or last_step:
-                train_loss = loss_sum.item()
-                now = time.time()
-                tokens_per_sec = (self.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
-                t_last, tokens_last = now, self.tokens_seen
-                self._log({"step": self.step, "train/loss": train_loss, "train/lr": lr,
-                           "train/tokens_seen": self.tokens_seen, "train/tokens_per_sec": round(tokens_per_sec, 1)})
-                bar.set_postfix_str(f"loss {train_loss:.3f} | val {val_loss:.3f} | lr {lr:.2e} | "
-                                    f"{tokens_per_sec:,.0f} tok/s")
+                # log (the one place that waits for the GPU), and count skipped steps
+                if self.step % tc.log_every == 0 or last_step:
+                    train_loss = loss_sum.item()
+                    self._check_finite(train_loss, self.step - logged_step)
+                    logged_step = self.step
+                    now = time.time()
+                    tokens_per_sec = (self.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+                    t_last, tokens_last = now, self.tokens_seen
+                    self._log({"step": self.step, "train/loss": train_loss, "train/lr": lr,
+                               "train/tokens_seen": self.tokens_seen, "train/tokens_per_sec": round(tokens_per_sec, 1),
+                               "train/grad_norm": grad_norm.item(), "train/skipped_steps": self.skipped_steps})
+                    bar.set_postfix_str(f"loss {train_loss:.3f} | val {val_loss:.3f} | lr {lr:.2e} | "
+                                        f"{tokens_per_sec:,.0f} tok/s")
 
-            # evaluate; keep the best model
-            if self.step % tc.eval_every == 0 or last_step:
-                val_loss = self.evaluate()
-                self._log({"step": self.step, "val/loss": val_loss, "train/tokens_seen": self.tokens_seen})
-                if val_loss < self.best_val_loss:
-                    self.best_val_loss = val_loss
-                    save_checkpoint(self.checkpoint(full=False), self.run_dir / "best.pt")
-                self._say(f"step {self.step:,}: val loss {val_loss:.4f} (best {self.best_val_loss:.4f})")
+                # evaluate; keep the best model
+                if self.step % tc.eval_every == 0 or last_step:
+                    val_loss = self.evaluate()
+                    self._log({"step": self.step, "val/loss": val_loss, "train/tokens_seen": self.tokens_seen})
+                    if val_loss < self.best_val_loss:
+                        self.best_val_loss = val_loss
+                        save_checkpoint(self.checkpoint(full=False), self.run_dir / "best.pt")
+                    self._say(f"step {self.step:,}: val loss {val_loss:.4f} (best {self.best_val_loss:.4f})")
 
-            # checkpoint to resume from
-            if self.step % tc.checkpoint_every == 0 or last_step or self.step == stop_after:
-                save_checkpoint(self.checkpoint(full=True), self.run_dir / "last.pt")
-            if self.step == stop_after:
-                break
-        bar.close()
+                # checkpoint to resume from
+                if self.step % tc.checkpoint_every == 0 or last_step or self.step == stop_after:
+                    save_checkpoint(self.checkpoint(full=True), self.run_dir / "last.pt")
+                if self.step == stop_after:
+                    break
+        finally:
+            bar.close()  # the bar ends its line, so any error message starts on a fresh one
         return {"step": self.step, "train_loss": train_loss, "val_loss": val_loss,
                 "best_val_loss": self.best_val_loss, "tokens_seen": self.tokens_seen}
 
@@ -245,8 +271,8 @@ def run_training(cfg: Config, resume: bool = False, progress: bool = True, stop_
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's tokenizer "
                           f"({meta['tokenizer']}, {meta['vocab_size']} tokens); set it to at least {meta['vocab_size']}")
     ctx = cfg.model.context_length
-    train_loader = BatchLoader(data_dir, "train", tc.batch_size, ctx, device, tc.seed)
-    val_loader = BatchLoader(data_dir, "val", tc.batch_size, ctx, device, tc.seed)
+    train_loader = BatchLoader(data_dir, "train", tc.batch_size, ctx, device, tc.seed, vocab_size=cfg.model.vocab_size)
+    val_loader = BatchLoader(data_dir, "val", tc.batch_size, ctx, device, tc.seed, vocab_size=cfg.model.vocab_size)
 
     # model
     torch.manual_seed(tc.seed)
