@@ -4,6 +4,7 @@
     slm tokenizer train   -> slm.data.tokenizer.build_tokenizer
     slm train             -> slm.train.run_training
     slm finetune          -> slm.train.finetune.run_finetune
+    slm export            -> slm.export.export
     slm generate          -> slm.generate.generate_text
 """
 
@@ -49,6 +50,13 @@ def cmd_finetune(args) -> None:
                           args.set, merge=args.merge, resume=args.resume)
     print(f"done: {result['trainable_parameters']:,} LoRA parameters trained, val loss {result['val_loss']:.4f}; "
           f"adapters in {args.out}/best.pt" + (f", merged model in {result['merged']}" if "merged" in result else ""))
+
+
+def cmd_export(args) -> None:
+    from slm.export import export
+
+    path = export(args.checkpoint, args.out, format=args.format)
+    print(f"exported {args.checkpoint} as {args.format} to {path}")
 
 
 def cmd_generate(args) -> None:
@@ -112,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set training.max_steps=500 (repeatable)")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("export", help="export a checkpoint to Hugging Face transformers or safetensors")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--format", choices=["hf", "safetensors"], default="hf",
+                   help="hf: a GPT-2 model folder for transformers (default); safetensors: slm's raw weights")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="write text with a trained model, streamed as it is produced")
     p.add_argument("--checkpoint", default="runs/tiny/best.pt", help="checkpoint file (default: runs/tiny/best.pt)")
