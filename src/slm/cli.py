@@ -4,6 +4,9 @@
     slm tokenizer train   -> slm.data.tokenizer.build_tokenizer
     slm train             -> slm.train.run_training
     slm finetune          -> slm.train.finetune.run_finetune
+    slm eval              -> slm.evaluate.evaluate
+    slm plan              -> slm.plan.plan
+    slm serve             -> slm.serve.serve
     slm export            -> slm.export.export
     slm generate          -> slm.generate.generate_text
 """
@@ -57,6 +60,26 @@ def cmd_export(args) -> None:
 
     path = export(args.checkpoint, args.out, format=args.format)
     print(f"exported {args.checkpoint} as {args.format} to {path}")
+
+
+def cmd_eval(args) -> None:
+    from slm.evaluate import evaluate, format_report
+
+    print(format_report(evaluate(args.checkpoint, args.data, args.batches, args.batch_size, args.samples,
+                                 args.max_new_tokens, args.seed, args.device)))
+
+
+def cmd_plan(args) -> None:
+    from slm.plan import format_plan, plan
+
+    print(format_plan(plan(args.config, args.gpu, args.tokens, args.micro_batch, args.mfu, args.price)))
+
+
+def cmd_serve(args) -> None:
+    from slm.serve import serve  # imported here so other commands do not load FastAPI
+
+    serve(args.checkpoint, args.host, args.port, args.device, max_prompt_chars=args.max_prompt_chars,
+          max_new_tokens_limit=args.max_new_tokens_limit, max_concurrency=args.max_concurrency)
 
 
 def cmd_generate(args) -> None:
@@ -120,6 +143,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set training.max_steps=500 (repeatable)")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("eval", help="validation loss, perplexity, bits per byte and sample quality of a checkpoint")
+    p.add_argument("--checkpoint", default="runs/tiny/best.pt")
+    p.add_argument("--data", default=None, help="prepared data folder (default: the checkpoint's data.dir)")
+    p.add_argument("--batches", type=int, default=None, help="evaluate only this many batches (default: all of val)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--samples", type=int, default=0, help="also generate K stories and score them")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    from slm.plan import GPUS
+
+    p = sub.add_parser("plan", help="parameters, FLOPs, memory, time and cost of training a config on a GPU")
+    p.add_argument("--config", default="tiny", help="YAML file or built-in config name")
+    p.add_argument("--gpu", default="H100", help=f"one of: {', '.join(GPUS)}")
+    p.add_argument("--tokens", type=lambda s: int(float(s)), default=None,
+                   help="tokens to train on (default: from the config), e.g. 1e9")
+    p.add_argument("--micro-batch", type=int, default=None, help="micro-batch for the memory estimate")
+    p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation to assume (default: measured)")
+    p.add_argument("--price", type=float, default=None, help="USD per GPU hour (default: the table in slm/plan.py)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP: JSON + streaming API and a web page")
+    p.add_argument("--checkpoint", default="runs/tiny/best.pt")
+    p.add_argument("--host", default="127.0.0.1", help="use 0.0.0.0 to be reachable from other machines")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-concurrency", type=int, default=4, help="generations at once; more get 503")
+    p.add_argument("--max-new-tokens-limit", type=int, default=1024, help="most tokens one request may ask for")
+    p.add_argument("--max-prompt-chars", type=int, default=4000, help="longest prompt accepted")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a checkpoint to Hugging Face transformers or safetensors")
     p.add_argument("--checkpoint", required=True)

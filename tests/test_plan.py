@@ -1,0 +1,70 @@
+import pytest
+
+from slm.config import load_config
+from slm.errors import SlmError
+from slm.plan import GPUS, PRICES, format_plan, plan
+
+
+def test_gpt_124m_parameters_and_flops():
+    r = plan("gpt_124m", "A100")
+    assert r["parameters"] == 124_439_808
+    n = 124_439_808 - 1024 * 768  # without the position table
+    assert r["non_embedding_parameters"] == n
+    L, H, Q, T = 12, 12, 64, 1024
+    assert r["flops_per_token"] == 6 * n + 12 * L * H * Q * T
+    assert r["tokens"] == 50_000 * 16 * 2 * 1024  # max_steps x batch_size x grad_accum x context_length
+    assert r["total_flops"] == r["flops_per_token"] * r["tokens"]
+    assert r["mfu"] == 0.35 and r["mfu_source"] == "assumed"
+
+
+def test_time_and_cost():
+    r = plan("gpt_124m", "H100", tokens=10**9, mfu=0.4)
+    assert r["tokens"] == 10**9 and r["mfu"] == 0.4
+    assert r["hours"] == pytest.approx(r["total_flops"] / (GPUS["H100"]["tflops"] * 1e12 * 0.4) / 3600)
+    assert r["cost"] == pytest.approx(r["hours"] * r["price_per_hour"])
+    assert r["price_per_hour"] == PRICES["H100"]
+    assert plan("gpt_124m", "H100", tokens=10**9, mfu=0.4, price=1.0)["cost"] == pytest.approx(r["hours"])
+
+
+def test_measured_mfu_is_used_for_the_measured_model():
+    r = plan("seed30m", "H100")
+    assert r["mfu_source"].startswith("measured")
+    assert r["tokens_per_sec"] == pytest.approx(1.1e6)
+    assert 0.1 < r["mfu"] < 0.5
+
+
+def test_memory_grows_with_micro_batch():
+    mem = [plan("gpt_124m", "H100", micro_batch=b) for b in (1, 4, 16)]
+    assert mem[0]["memory_gb"] < mem[1]["memory_gb"] < mem[2]["memory_gb"]
+    assert mem[0]["memory_state_gb"] == mem[2]["memory_state_gb"] == pytest.approx(16 * 124_439_808 / 2**30)
+    assert mem[2]["memory_activations_gb"] == pytest.approx(16 * mem[0]["memory_activations_gb"])
+    # measured on an H100: 17.9 GiB at micro-batch 16 (eager); the estimate should be in that range
+    assert 14 < mem[2]["memory_gb"] < 22
+
+
+def test_warns_when_memory_does_not_fit():
+    big = plan("gpt_124m", "T4", micro_batch=64)
+    assert not big["fits"] and "micro-batch" in big["warning"] and "gradient_accumulation_steps" in big["warning"]
+    assert "warning" in format_plan(big)
+    fitting = plan("gpt_124m", "H200", micro_batch=8)
+    assert fitting["fits"] and fitting["warning"] is None and "warning" not in format_plan(fitting)
+
+
+def test_config_object_and_auto_vocab():
+    cfg = load_config("tiny")  # vocab_size: auto -> the tinystories-4k tokenizer
+    r = plan(cfg, "l4")
+    assert r["gpu"] == "L4" and r["parameters"] > 0
+    assert cfg.model.vocab_size == 0  # the caller's config is left as it was
+    assert "MFLOPs/token" in format_plan(r)
+
+
+def test_unknown_gpu():
+    with pytest.raises(SlmError, match="H100") as e:
+        plan("gpt_124m", "RTX9090")
+    assert "RTX9090" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_values():
+    for kwargs in ({"mfu": 0}, {"mfu": 1.5}, {"tokens": 0}, {"micro_batch": 0}):
+        with pytest.raises(SlmError):
+            plan("gpt_124m", "H100", **kwargs)
