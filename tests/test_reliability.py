@@ -194,3 +194,29 @@ def test_checkpoint_from_another_architecture_is_refused(trained_run, tmp_path, 
             "--set", "model.context_length=64", "--set", "model.d_ff=256"]
     assert main(args) == 2
     assert "use the config it was trained with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   MemoryError()])
+def test_out_of_memory_suggests_a_smaller_micro_batch(sample_data, tmp_path, monkeypatch, capsys, error):
+    from slm.model import GPT
+
+    def forward(self, idx, targets=None, cache=None):
+        raise error
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    args = ["train", "--set", f"data.dir={sample_data}", "--set", f"training.out_dir={tmp_path / 'oom'}",
+            "--set", "training.max_steps=2", "--set", "training.warmup_steps=0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in re.split(r"[\r\n]", err) if line.startswith("error: ")]
+    assert len(errors) == 1 and "out of" in errors[0] and "training.batch_size" in errors[0]
+    assert "gradient_accumulation_steps" in errors[0] and "Traceback" not in err
+
+
+def test_finetune_cannot_change_the_model_shape(trained_run, tmp_path, capsys):
+    run_dir, cfg, _ = trained_run
+    args = ["finetune", "--checkpoint", str(run_dir / "best.pt"), "--data", str(cfg.data.dir), "--out",
+            str(tmp_path / "ft"), "--set", "model.context_length=128"]
+    assert main(args) == 2
+    assert "keeps the base model's shape" in capsys.readouterr().err

@@ -65,7 +65,11 @@ def run_finetune(checkpoint: str | Path, data: str, out_dir: str | Path, lora_ra
 
     device = resolve_device(tc.device)
     model = GPT(cfg.model)
-    model.load_state_dict(base["model"])
+    try:
+        model.load_state_dict(base["model"])
+    except RuntimeError:
+        raise ConfigError(f"model: a fine-tune keeps the base model's shape ({config_from_dict(base['config']).model}); "
+                          "drop the model.* overrides") from None
     apply_lora(model, lora_rank, lora_alpha, lora_dropout)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ctx = cfg.model.context_length
