@@ -58,6 +58,7 @@ class TrainingConfig:
     device: str = "auto"  # auto = cuda if available, else mps, else cpu
     compile: bool = True  # torch.compile the model (skipped with a notice where it is unavailable)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
+    parallelism: str = "ddp"  # with several processes (torchrun): ddp (replicate) or fsdp (shard, FSDP2)
     eval_every: int = 250  # steps between validation runs (and best.pt updates)
     eval_batches: int = 20  # batches per validation run
     checkpoint_every: int = 500  # steps between last.pt saves
@@ -87,8 +88,46 @@ class TrainingConfig:
         _check(self.eps > 0, "eps", "a positive number", self.eps)
         _check(self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 disables clipping)", self.grad_clip)
         _check(self.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}", self.dtype)
+        _check(self.parallelism in ("ddp", "fsdp"), "parallelism", "ddp or fsdp", self.parallelism)
         _check(self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda"), "device",
                "auto, cpu, cuda, cuda:N or mps", self.device)
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "slm"
+    name: str | None = None  # run name; default: the run folder's name
+    tags: list[str] = field(default_factory=list)
+    mode: str = "online"  # online | offline (no account or network needed) | disabled
+    histogram_every: int = 100  # steps between gradient histograms; 0 = never
+
+    def __post_init__(self):
+        _check(self.mode in ("online", "offline", "disabled"), "mode", "online, offline or disabled", self.mode)
+        _check(self.histogram_every >= 0, "histogram_every", "0 (never) or a positive integer", self.histogram_every)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = False  # also write TensorBoard event files to <out_dir>/tensorboard
+    plot: bool = True  # write <out_dir>/loss.png (train and val loss vs tokens) at the end of a run
+
+
+@dataclass
+class ModalConfig:
+    """How `modal run modal_app.py --config X` runs this config on Modal's cloud GPUs."""
+
+    gpu: str = "A100"  # T4, L4, A10G, A100, A100-80GB, H100, H200, ...
+    gpu_count: int = 1
+    timeout: int = 43200  # seconds before Modal stops the function (max 24 h)
+    volume: str = "slm-data"  # persistent modal.Volume for prepared data, checkpoints and runs
+    app_name: str = "slm"
+    wandb_secret: str | None = None  # name of a modal.Secret holding WANDB_API_KEY, e.g. "wandb"
+
+    def __post_init__(self):
+        _check(self.gpu_count >= 1, "gpu_count", "a positive integer", self.gpu_count)
+        _check(0 < self.timeout <= 86400, "timeout", "1..86400 seconds", self.timeout)
 
 
 @dataclass
@@ -96,6 +135,8 @@ class Config:
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    modal: ModalConfig = field(default_factory=ModalConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
