@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -29,6 +28,7 @@ from slm.data.tokenizer import get_tokenizer, tokenizer_info
 from slm.device import autocast, resolve_device, resolve_dtype
 from slm.errors import CheckpointError, ConfigError, TrainingDiverged
 from slm.model import GPT
+from slm.train.logger import RunLogger
 
 
 def lr_at(step: int, cfg: TrainingConfig) -> float:
@@ -77,6 +77,7 @@ class Trainer:
         self.tokenizer = tokenizer or {}
         self.progress = progress
         self.run_dir = Path(tc.out_dir)
+        self.logger = RunLogger(config, self.run_dir)
         self.optimizer = self.model.configure_optimizer(tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps)
         # Every step goes through a GradScaler, which skips the optimizer step when a gradient is inf/NaN
         # (without a GPU sync on fused optimizers). fp16 needs its dynamic loss scaling; for bf16/fp32 the
@@ -105,8 +106,7 @@ class Trainer:
             tqdm.write(message)
 
     def _log(self, record: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.logger.log(record)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -202,6 +202,7 @@ class Trainer:
 
                 # clip, step, clear
                 self.scaler.unscale_(self.optimizer)
+                self.logger.log_gradients(self.model, self.step + 1)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or float("inf"))
                 self.scaler.step(self.optimizer)  # skipped when a gradient is not finite
                 self.scaler.update()
@@ -241,6 +242,7 @@ class Trainer:
                     break
         finally:
             bar.close()  # the bar ends its line, so any error message starts on a fresh one
+            self.logger.finish()
         return {"step": self.step, "train_loss": train_loss, "val_loss": val_loss,
                 "best_val_loss": self.best_val_loss, "tokens_seen": self.tokens_seen}
 
