@@ -34,6 +34,7 @@ def trained_run(sample_data, tmp_path_factory):
     from slm.train import run_training
 
     out = tmp_path_factory.mktemp("run")
-    cfg = small_config(sample_data, out, max_steps=300, eval_every=100, checkpoint_every=100)
+    cfg = small_config(sample_data, out, max_steps=300, eval_every=100, checkpoint_every=100, batch_size=16,
+                       eval_batches=16)
     result = run_training(cfg, progress=False)
     return out, cfg, result

@@ -38,7 +38,7 @@ def test_training_beats_the_unigram_baseline(trained_run, sample_data):
     baseline = unigram_loss(sample_data)
     val = metrics(run_dir, "val/loss")
     assert 5.5 < baseline < 7.0
-    assert result["best_val_loss"] < baseline - 1.0, (result, baseline)
+    assert result["best_val_loss"] < baseline - 1.0, (result, baseline)  # perplexity under 37% of the baseline's
     assert val[300] < val[100]
     assert (run_dir / "best.pt").exists() and (run_dir / "last.pt").exists()
     first = metrics(run_dir, "train/loss")

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from slm.errors import SlmError
@@ -39,6 +40,17 @@ def cmd_tokenizer_train(args) -> None:
 def cmd_train(args) -> None:
     from slm.config import load_config
     from slm.train import run_training
+
+    if args.gpus > 1:  # hand over to torchrun: one process per GPU, each running `slm train` without --gpus
+        argv = [a for a in sys.argv[1:] if not a.startswith("--gpus")]
+        if "--gpus" in sys.argv:
+            i = sys.argv.index("--gpus")
+            argv = sys.argv[1:i] + sys.argv[i + 2:]
+        load_config(args.config, args.set)  # fail here, once, on a bad config
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
+               "-m", "slm", *argv]
+        print("launching: " + " ".join(cmd[2:]), flush=True)
+        os.execv(sys.executable, cmd)
 
     cfg = load_config(args.config, args.set)
     result = run_training(cfg, resume=args.resume)
@@ -129,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set training.lr=3e-4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in training.out_dir from its last.pt")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="train on N GPUs of this machine (launches torchrun; DDP, or FSDP with training.parallelism=fsdp)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune a trained model with LoRA adapters")

@@ -56,7 +56,11 @@ def open_tokens(data_dir: str | Path, split: str) -> list[np.memmap]:
 
 
 class BatchLoader:
-    """``get_batch(step, micro_step)`` -> (x, y), each (batch_size, context_length) int64 on ``device``."""
+    """``get_batch(step, micro_step)`` -> (x, y), each (batch_size, context_length) int64 on ``device``.
+
+    With ``world_size`` processes, each takes its own ``batch_size`` rows of the same global batch, so
+    N processes see exactly the batches one process with an N times larger batch would see.
+    """
 
     def __init__(
         self,
@@ -68,6 +72,7 @@ class BatchLoader:
         seed: int = 0,
         rank: int = 0,
         vocab_size: int | None = None,
+        world_size: int = 1,
     ):
         self.shards = open_tokens(data_dir, split)
         windows = np.array([max(0, len(s) - context_length - 1) for s in self.shards], dtype=np.int64)
@@ -79,13 +84,15 @@ class BatchLoader:
         self._first_window = np.concatenate([[0], np.cumsum(windows)])  # window index where each shard starts
         self.split, self.batch_size, self.context_length = split, batch_size, context_length
         self.device = torch.device(device)
-        self.seed, self.rank, self.vocab_size = seed, rank, vocab_size
+        self.seed, self.rank, self.world_size, self.vocab_size = seed, rank, world_size, vocab_size
         self.data_dir = data_dir
         self._offsets = np.arange(context_length + 1)
 
     def get_batch(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, SPLIT_KEYS.get(self.split, 2), step, micro_step, self.rank])
-        picks = rng.integers(0, self._first_window[-1], size=self.batch_size)  # uniform over all windows
+        rng = np.random.default_rng([self.seed, SPLIT_KEYS.get(self.split, 2), step, micro_step])
+        # the global batch (all processes) is drawn the same way everywhere; this process takes its rows
+        picks = rng.integers(0, self._first_window[-1], size=self.batch_size * self.world_size)
+        picks = picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         shard_of = np.searchsorted(self._first_window, picks, side="right") - 1
         rows = [self.shards[s][p - self._first_window[s] + self._offsets] for s, p in zip(shard_of, picks)]
         window = np.stack(rows).astype(np.int64)

@@ -28,6 +28,8 @@ from slm.data.tokenizer import get_tokenizer, tokenizer_info
 from slm.device import autocast, resolve_device, resolve_dtype
 from slm.errors import CheckpointError, ConfigError, TrainingDiverged
 from slm.model import GPT
+from slm.train.distributed import (DistributedContext, init_distributed, mean_across_ranks, set_gradient_sync,
+                                   shutdown, wrap_model)
 from slm.train.logger import RunLogger
 
 
@@ -67,17 +69,28 @@ class Trainer:
     """
 
     def __init__(self, model: GPT, train_loader: BatchLoader, val_loader: BatchLoader, config: Config,
-                 device: str | torch.device | None = None, tokenizer: dict | None = None, progress: bool = True):
+                 device: str | torch.device | None = None, tokenizer: dict | None = None, progress: bool = True,
+                 ctx: DistributedContext | None = None):
         self.cfg = config
         tc = config.training
         self.device = torch.device(device) if device is not None else resolve_device(tc.device)
+        self.ctx = ctx or DistributedContext(device=self.device)
+        self.fsdp = self.ctx.enabled and tc.parallelism == "fsdp"
         self.dtype = resolve_dtype(tc.dtype, self.device)
         self.model = model.to(self.device)  # the raw model: what checkpoints hold
+        self.model.gradient_checkpointing = tc.gradient_checkpointing
         self.train_loader, self.val_loader = train_loader, val_loader
         self.tokenizer = tokenizer or {}
-        self.progress = progress
+        self.progress = progress and self.ctx.is_main  # only rank 0 talks and writes
         self.run_dir = Path(tc.out_dir)
-        self.logger = RunLogger(config, self.run_dir)
+        self.logger = RunLogger(config, self.run_dir, enabled=self.ctx.is_main)
+        self.forward = self.model  # what evaluation calls: the model, compiled on CUDA
+        if tc.compile:
+            if self.device.type == "cuda":
+                self.forward = torch.compile(self.model)
+            else:
+                self._say(f"note: torch.compile is used on CUDA only; running eagerly on {self.device.type}")
+        self.train_forward = wrap_model(self.model, self.forward, self.ctx, tc.parallelism)  # + DDP / FSDP
         self.optimizer = self.model.configure_optimizer(tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps)
         # Every step goes through a GradScaler, which skips the optimizer step when a gradient is inf/NaN
         # (without a GPU sync on fused optimizers). fp16 needs its dynamic loss scaling; for bf16/fp32 the
@@ -87,19 +100,13 @@ class Trainer:
                                            growth_interval=2000 if self.fp16 else 2**30)
         self.skipped_steps = 0  # steps skipped for non-finite loss or gradients
         self.bad_in_a_row = 0
-        self.model.gradient_checkpointing = tc.gradient_checkpointing
         self.model_state = self.model.state_dict  # what checkpoints store (a fine-tune stores only its adapters)
         self.extra: dict = {}  # more entries for every checkpoint (a fine-tune records its base and LoRA settings)
-        self.forward = self.model
-        if tc.compile:
-            if self.device.type == "cuda":
-                self.forward = torch.compile(self.model)
-            else:
-                self._say(f"note: torch.compile is used on CUDA only; running eagerly on {self.device.type}")
         self.step = 0
         self.tokens_seen = 0
         self.best_val_loss = float("inf")
-        self.tokens_per_step = tc.batch_size * tc.gradient_accumulation_steps * model.config.context_length
+        self.tokens_per_step = (tc.batch_size * tc.gradient_accumulation_steps * self.ctx.world_size
+                                * model.config.context_length)
 
     def _say(self, message: str) -> None:
         if self.progress:
@@ -110,21 +117,37 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over ``eval_batches`` fixed validation batches (the same ones every time)."""
+        """Mean loss over ``eval_batches`` fixed validation batches (the same ones every time).
+
+        With several processes each evaluates its own rows of every batch and the results are averaged.
+        """
         self.model.eval()
-        losses = []
+        total = torch.zeros(2, device=self.device)  # sum of batch losses, number of batches
         for i in range(self.cfg.training.eval_batches):
             x, y = self.val_loader.get_batch(i)
             with autocast(self.device, self.dtype):
                 _, loss = self.forward(x, y)
-            losses.append(loss.item())
+            total += torch.stack([loss.float(), torch.ones((), device=self.device)])
+        if self.ctx.enabled:
+            torch.distributed.all_reduce(total)
         self.model.train()
-        return sum(losses) / len(losses)
+        return (total[0] / total[1]).item()
 
     def checkpoint(self, full: bool = True) -> dict:
+        """Everything to save. Under FSDP every rank must call this (it gathers the shards)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(self.model, options=options)
+            optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options) if full else None
+        else:
+            model_state = self.model_state()
+            optimizer_state = self.optimizer.state_dict() if full else None
         state = {
             **self.extra,
-            "model": self.model_state(),
+            "model": model_state,
             "config": self.cfg.to_dict(),
             "tokenizer": self.tokenizer,
             "step": self.step,
@@ -132,8 +155,15 @@ class Trainer:
             "best_val_loss": self.best_val_loss,
         }
         if full:
-            state.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=_rng_state())
+            state.update(optimizer=optimizer_state, scaler=self.scaler.state_dict(), rng=_rng_state())
         return state
+
+    def save(self, name: str, full: bool) -> None:
+        """Write ``run_dir/name`` from rank 0 (atomically)."""
+        if self.ctx.is_main or self.fsdp:
+            state = self.checkpoint(full)
+            if self.ctx.is_main:
+                save_checkpoint(state, self.run_dir / name)
 
     def resume(self, path: str | Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
@@ -143,8 +173,16 @@ class Trainer:
         if saved.model != self.cfg.model:
             raise CheckpointError(f"{path} was trained with model {saved.model}, not {self.cfg.model}; "
                                   "use the config it was trained with")
-        self.model.load_state_dict(state["model"], strict="lora" not in state)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, state["model"], options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        else:
+            self.model.load_state_dict(state["model"], strict="lora" not in state)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         self.step, self.tokens_seen, self.best_val_loss = state["step"], state["tokens_seen"], state["best_val_loss"]
@@ -175,8 +213,9 @@ class Trainer:
             self._log({"step": 0, "model/parameters": n_params})
         self._say(
             f"model: {n_params:,} parameters | device: {self.device} {str(self.dtype).replace('torch.', '')} | "
-            f"batch: {tc.batch_size} x {tc.gradient_accumulation_steps} accumulation x "
-            f"{self.model.config.context_length} tokens = {self.tokens_per_step:,} tokens/step"
+            f"batch: {tc.batch_size} x {tc.gradient_accumulation_steps} accumulation x {self.ctx.world_size} "
+            f"process{'es' if self.ctx.world_size > 1 else ''} x {self.model.config.context_length} tokens = "
+            f"{self.tokens_per_step:,} tokens/step"
         )
         self.model.train()
         bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
@@ -193,9 +232,10 @@ class Trainer:
                 # forward/backward over the micro-batches of one optimizer step
                 loss_sum = torch.zeros((), device=self.device)
                 for micro in range(tc.gradient_accumulation_steps):
+                    set_gradient_sync(self.train_forward, micro == tc.gradient_accumulation_steps - 1)
                     x, y = self.train_loader.get_batch(self.step, micro)
                     with autocast(self.device, self.dtype):
-                        _, loss = self.forward(x, y)
+                        _, loss = self.train_forward(x, y)
                     loss = loss / tc.gradient_accumulation_steps
                     self.scaler.scale(loss).backward()
                     loss_sum += loss.detach()
@@ -214,7 +254,8 @@ class Trainer:
 
                 # log (the one place that waits for the GPU), and count skipped steps
                 if self.step % tc.log_every == 0 or last_step:
-                    train_loss = loss_sum.item()
+                    train_loss = mean_across_ranks(loss_sum, self.ctx).item()
+                    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
                     self._check_finite(train_loss, self.step - logged_step)
                     logged_step = self.step
                     now = time.time()
@@ -232,12 +273,12 @@ class Trainer:
                     self._log({"step": self.step, "val/loss": val_loss, "train/tokens_seen": self.tokens_seen})
                     if val_loss < self.best_val_loss:
                         self.best_val_loss = val_loss
-                        save_checkpoint(self.checkpoint(full=False), self.run_dir / "best.pt")
+                        self.save("best.pt", full=False)
                     self._say(f"step {self.step:,}: val loss {val_loss:.4f} (best {self.best_val_loss:.4f})")
 
                 # checkpoint to resume from
                 if self.step % tc.checkpoint_every == 0 or last_step or self.step == stop_after:
-                    save_checkpoint(self.checkpoint(full=True), self.run_dir / "last.pt")
+                    self.save("last.pt", full=True)
                 if self.step == stop_after:
                     break
         finally:
@@ -248,7 +289,10 @@ class Trainer:
 
 
 def run_training(cfg: Config, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
-    """``slm train``: prepare the data if needed, build the model, train. Returns the final metrics."""
+    """``slm train``: prepare the data if needed, build the model, train. Returns the final metrics.
+
+    Started by torchrun, every process runs this; they share the work as ``training.parallelism`` says.
+    """
     tc = cfg.training
     run_dir = Path(tc.out_dir)
     if (run_dir / "last.pt").exists() and not resume:
@@ -256,33 +300,41 @@ def run_training(cfg: Config, resume: bool = False, progress: bool = True, stop_
                           f"or set training.out_dir to a new folder")
     if resume and not (run_dir / "last.pt").exists():
         raise CheckpointError(f"--resume: no {run_dir / 'last.pt'} to resume from; drop --resume to start fresh")
-    device = resolve_device(tc.device)
+    dist = init_distributed(tc.device)
+    try:
+        # data: prepared once (by rank 0), then memory-mapped by every process
+        data_dir = Path(cfg.data.dir)
+        if dist.is_main and not (data_dir / "meta.json").exists():
+            prepare(cfg.data.source, data_dir, cfg.data.tokenizer, cfg.data.val_fraction, cfg.data.text_field,
+                    cfg.data.num_workers or None, progress=progress)
+        if dist.enabled:
+            torch.distributed.barrier()
+        meta = read_meta(data_dir)
+        if meta["tokenizer"] != cfg.data.tokenizer:
+            raise ConfigError(f"data.tokenizer: {cfg.data.dir} was prepared with tokenizer {meta['tokenizer']!r}, "
+                              f"not {cfg.data.tokenizer!r}; set data.dir to a new folder (it is prepared automatically)")
+        if cfg.model.vocab_size == 0:  # auto
+            cfg.model.vocab_size = meta["vocab_size"]
+        if meta["vocab_size"] > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's tokenizer "
+                              f"({meta['tokenizer']}, {meta['vocab_size']} tokens); set it to at least "
+                              f"{meta['vocab_size']}")
+        ctx, vocab = cfg.model.context_length, cfg.model.vocab_size
+        train_loader = BatchLoader(data_dir, "train", tc.batch_size, ctx, dist.device, tc.seed, dist.rank, vocab,
+                                   world_size=dist.world_size)
+        val_loader = BatchLoader(data_dir, "val", tc.batch_size, ctx, dist.device, tc.seed, dist.rank, vocab,
+                                 world_size=dist.world_size)
 
-    # data: prepared once, then memory-mapped
-    data_dir = Path(cfg.data.dir)
-    if not (data_dir / "meta.json").exists():
-        prepare(cfg.data.source, data_dir, cfg.data.tokenizer, cfg.data.val_fraction, cfg.data.text_field,
-                cfg.data.num_workers or None, progress=progress)
-    meta = read_meta(data_dir)
-    if meta["tokenizer"] != cfg.data.tokenizer:
-        raise ConfigError(f"data.tokenizer: {cfg.data.dir} was prepared with tokenizer {meta['tokenizer']!r}, not "
-                          f"{cfg.data.tokenizer!r}; set data.dir to a new folder (it is prepared automatically)")
-    if cfg.model.vocab_size == 0:  # auto
-        cfg.model.vocab_size = meta["vocab_size"]
-    if meta["vocab_size"] > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's tokenizer "
-                          f"({meta['tokenizer']}, {meta['vocab_size']} tokens); set it to at least {meta['vocab_size']}")
-    ctx = cfg.model.context_length
-    train_loader = BatchLoader(data_dir, "train", tc.batch_size, ctx, device, tc.seed, vocab_size=cfg.model.vocab_size)
-    val_loader = BatchLoader(data_dir, "val", tc.batch_size, ctx, device, tc.seed, vocab_size=cfg.model.vocab_size)
-
-    # model
-    torch.manual_seed(tc.seed)
-    model = GPT(cfg.model)
-    tokenizer = tokenizer_info(get_tokenizer(meta["tokenizer"]))
-    trainer = Trainer(model, train_loader, val_loader, cfg, device, tokenizer, progress)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    if resume:
-        trainer.resume(run_dir / "last.pt")
-    return trainer.train(stop_after)
+        # model: the same initialisation on every process
+        torch.manual_seed(tc.seed)
+        model = GPT(cfg.model)
+        tokenizer = tokenizer_info(get_tokenizer(meta["tokenizer"]))
+        trainer = Trainer(model, train_loader, val_loader, cfg, dist.device, tokenizer, progress, dist)
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+        if resume:
+            trainer.resume(run_dir / "last.pt")
+        return trainer.train(stop_after)
+    finally:
+        shutdown(dist)
