@@ -79,3 +79,15 @@ def test_only_rank_zero_writes_and_checkpoints_resume_on_one_process(two_process
     a, b = losses(tmp_path / "cont"), losses(tmp_path / "ref")
     for step in range(13, 17):
         assert a[step] == pytest.approx(b[step], abs=1e-4), step
+
+
+def test_fsdp_matches_one_process_and_its_checkpoint_loads_anywhere(sample_data, tmp_path):
+    torchrun(2, sample_data, tmp_path / "fsdp", "--set", "training.parallelism=fsdp")
+    one_process(sample_data, tmp_path / "one")
+    a, b = losses(tmp_path / "fsdp"), losses(tmp_path / "one")
+    for step in range(1, 13):
+        assert a[step] == pytest.approx(b[step], abs=1e-4), step
+    from slm.generate import load_model
+
+    lm = load_model(tmp_path / "fsdp" / "best.pt", "cpu")  # full tensors, not shards
+    assert lm.model.count_parameters() > 0 and lm.step == 12
