@@ -7,6 +7,9 @@
         every log_every:        metrics line (loss, lr, tokens/s) -> metrics.jsonl + progress bar
         every eval_every:       val loss; best.pt when it improved
         every checkpoint_every: last.pt (model, optimizer, scaler, RNG: resume continues the same curve)
+
+``Trainer.train_step`` is one optimizer step; ``Trainer.train`` is the loop around it (benchmarks time
+``train_step`` itself, so they measure exactly what ``slm train`` runs).
 """
 
 from __future__ import annotations
@@ -204,6 +207,39 @@ class Trainer:
                 f"training stopped at step {self.step:,}: {self.bad_in_a_row} steps in a row had a non-finite loss "
                 f"or gradient; {good}. Lower training.lr, raise training.warmup_steps or use bfloat16")
 
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step: learning rate, micro-batches forward/backward, clip, update.
+
+        Returns (loss, gradient norm, lr) with loss and norm still on the device (reading them waits for it).
+        """
+        tc = self.cfg.training
+        # learning rate of this step
+        lr = lr_at(self.step, tc)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        # forward/backward over the micro-batches of one optimizer step
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(tc.gradient_accumulation_steps):
+            set_gradient_sync(self.train_forward, micro == tc.gradient_accumulation_steps - 1)
+            x, y = self.train_loader.get_batch(self.step, micro)
+            with autocast(self.device, self.dtype):
+                _, loss = self.train_forward(x, y)
+            loss = loss / tc.gradient_accumulation_steps
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+
+        # clip, step, clear
+        self.scaler.unscale_(self.optimizer)
+        self.logger.log_gradients(self.model, self.step + 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or float("inf"))
+        self.scaler.step(self.optimizer)  # skipped when a gradient is not finite
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return loss_sum, grad_norm, lr
+
     def train(self, stop_after: int | None = None) -> dict:
         """Train up to ``max_steps`` (or stop early after step ``stop_after``, leaving a resumable last.pt)."""
         tc = self.cfg.training
@@ -224,31 +260,7 @@ class Trainer:
         t_last, tokens_last, logged_step = time.time(), self.tokens_seen, self.step
         try:
             while self.step < tc.max_steps:
-                # learning rate of this step
-                lr = lr_at(self.step, tc)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-
-                # forward/backward over the micro-batches of one optimizer step
-                loss_sum = torch.zeros((), device=self.device)
-                for micro in range(tc.gradient_accumulation_steps):
-                    set_gradient_sync(self.train_forward, micro == tc.gradient_accumulation_steps - 1)
-                    x, y = self.train_loader.get_batch(self.step, micro)
-                    with autocast(self.device, self.dtype):
-                        _, loss = self.train_forward(x, y)
-                    loss = loss / tc.gradient_accumulation_steps
-                    self.scaler.scale(loss).backward()
-                    loss_sum += loss.detach()
-
-                # clip, step, clear
-                self.scaler.unscale_(self.optimizer)
-                self.logger.log_gradients(self.model, self.step + 1)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or float("inf"))
-                self.scaler.step(self.optimizer)  # skipped when a gradient is not finite
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                self.tokens_seen += self.tokens_per_step
+                loss_sum, grad_norm, lr = self.train_step()
                 bar.update(1)
                 last_step = self.step == tc.max_steps
 
