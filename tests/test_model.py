@@ -82,3 +82,14 @@ def test_sampling_is_reproducible_with_a_seed():
 def test_bad_model_config_names_the_key(kw, key):
     with pytest.raises(ConfigError, match=f"^{key}"):
         GPTConfig(**kw)
+
+
+def test_vocab_padding_keeps_logits_at_the_true_vocabulary():
+    model = tiny_model(vocab_multiple=64)
+    assert model.tok_emb.weight.shape[0] == 128 and model.config.vocab_size == 97
+    x = torch.randint(0, 97, (2, 10))
+    logits, loss = model(x, x)
+    assert logits.shape == (2, 10, 97) and torch.isfinite(loss)
+    loss.backward()
+    out = list(generate_ids(model, [1, 2], max_new_tokens=30, temperature=1.0, seed=0))
+    assert max(out) < 97

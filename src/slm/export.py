@@ -81,7 +81,7 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
         return sd.get(name, torch.zeros(size))
 
     out = {
-        "transformer.wte.weight": sd["tok_emb.weight"],
+        "transformer.wte.weight": sd["tok_emb.weight"][: model.config.vocab_size],  # without vocab padding
         "transformer.wpe.weight": sd["pos_emb.weight"],
         "transformer.ln_f.weight": sd["ln_f.weight"],
         "transformer.ln_f.bias": bias("ln_f.bias", c.d_model),

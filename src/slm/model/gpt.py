@@ -32,9 +32,10 @@ class GPTConfig:
     d_ff: int = 3072  # hidden size of the MLP, usually 4 * d_model
     dropout: float = 0.1
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
+    vocab_multiple: int = 1  # pad the token table to a multiple of this (64: faster GPU matmuls); logits are cut back
 
     def __post_init__(self):
-        for name in ("vocab_size", "context_length", "n_layers", "n_heads", "d_model", "d_ff"):
+        for name in ("vocab_size", "context_length", "n_layers", "n_heads", "d_model", "d_ff", "vocab_multiple"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "vocab_size" else 1):
                 raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
@@ -49,6 +50,10 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
 class KVCache:
@@ -142,12 +147,12 @@ class GPT(nn.Module):
         if config.vocab_size == 0:
             raise ValueError("GPTConfig.vocab_size is 0 (auto): set it from the tokenizer before building the model")
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.tok_emb = nn.Embedding(config.padded_vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.context_length, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: one matrix reads and writes tokens
         self.gradient_checkpointing = False  # recompute block activations in backward: less memory, ~30% more compute
         self.apply(self._init_weights)
@@ -190,6 +195,8 @@ class GPT(nn.Module):
             cache.pos += T
             x = x[:, -1:, :]
         logits = self.lm_head(x)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]  # padding rows are never predicted
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
