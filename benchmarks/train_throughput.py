@@ -72,6 +72,7 @@ def bench(config: str, batch: int, overrides: list[str], steps: int, warmup: int
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = 50257
     device = torch.device("cuda")
+    torch._dynamo.reset()  # fresh compile caches: otherwise later settings hit dynamo's recompile limit and run eagerly
     torch.manual_seed(0)
     model = GPT(cfg.model)
     data = SyntheticBatches(batch, cfg.model.context_length, cfg.model.vocab_size, device)
