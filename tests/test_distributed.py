@@ -35,12 +35,12 @@ def torchrun(n, data, out, *extra):
 
 def one_process(data, out, steps=12, resume=False):
     cfg = small_config(data, out)
-    from slm.config import _set  # apply the same settings as the torchrun runs
+    from slm.config import apply_override  # apply the same settings as the torchrun runs
 
     values = cfg.to_dict()
     for s in SETTINGS + ["training.batch_size=8", f"training.max_steps={steps}"]:
         k, v = s.split("=")
-        _set(values, k, v)
+        apply_override(values, k, v)
     from slm.config import config_from_dict
 
     return run_training(config_from_dict(values), resume=resume, progress=False)
@@ -91,3 +91,16 @@ def test_fsdp_matches_one_process_and_its_checkpoint_loads_anywhere(sample_data,
 
     lm = load_model(tmp_path / "fsdp" / "best.pt", "cpu")  # full tensors, not shards
     assert lm.model.count_parameters() > 0 and lm.step == 12
+
+
+def test_slm_train_gpus_launches_torchrun(sample_data, tmp_path):
+    args = [sys.executable, "-m", "slm", "train", "--gpus", "2", "--set", f"data.dir={sample_data}",
+            "--set", f"training.out_dir={tmp_path / 'g'}", "--set", "training.batch_size=2"]
+    for s in SETTINGS:
+        args += ["--set", s.replace("max_steps=12", "max_steps=4").replace("eval_every=6", "eval_every=4")]
+    result = subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    launch = result.stdout.splitlines()[0]
+    assert launch.startswith("launching: torchrun --standalone --nproc_per_node=2 -m slm train") and "--gpus" not in launch
+    assert "2 processes" in result.stdout + result.stderr and sorted(losses(tmp_path / "g")) == [1, 2, 3, 4]

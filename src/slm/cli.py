@@ -42,14 +42,19 @@ def cmd_train(args) -> None:
     from slm.train import run_training
 
     if args.gpus > 1:  # hand over to torchrun: one process per GPU, each running `slm train` without --gpus
-        argv = [a for a in sys.argv[1:] if not a.startswith("--gpus")]
-        if "--gpus" in sys.argv:
-            i = sys.argv.index("--gpus")
-            argv = sys.argv[1:i] + sys.argv[i + 2:]
+        argv = []
+        skip = False
+        for arg in sys.argv[1:]:  # the same arguments without --gpus N / --gpus=N
+            if skip or arg.startswith("--gpus="):
+                skip = False
+                continue
+            skip = arg == "--gpus"
+            if not skip:
+                argv.append(arg)
         load_config(args.config, args.set)  # fail here, once, on a bad config
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
                "-m", "slm", *argv]
-        print("launching: " + " ".join(cmd[2:]), flush=True)
+        print("launching: torchrun " + " ".join(cmd[3:]), flush=True)
         os.execv(sys.executable, cmd)
 
     cfg = load_config(args.config, args.set)

@@ -234,7 +234,7 @@ def builtin_configs() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith((".yaml", ".yml"))}
 
 
-def _set(values: dict, dotted: str, raw: str) -> None:
+def apply_override(values: dict, dotted: str, raw: str) -> None:
     """Apply one ``section.key=value`` override; the value is parsed as YAML (so 3e-4, true, [a, b] work)."""
     node = values
     *parents, leaf = dotted.split(".")
@@ -268,7 +268,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.key=value, e.g. training.lr=3e-4")
         key, raw = item.split("=", 1)
-        _set(values, key.strip(), raw)
+        apply_override(values, key.strip(), raw)
     return config_from_dict(values)
 
 

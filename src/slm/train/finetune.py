@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from slm.checkpoint import load_checkpoint, save_checkpoint
-from slm.config import _set, config_from_dict
+from slm.config import apply_override, config_from_dict
 from slm.data.loader import BatchLoader, read_meta
 from slm.data.shards import prepare
 from slm.data.tokenizer import get_tokenizer, tokenizer_from_info
@@ -59,7 +59,7 @@ def run_finetune(checkpoint: str | Path, data: str, out_dir: str | Path, lora_ra
     values["data"].update(dir=str(data_dir), tokenizer=meta["tokenizer"])
     for item in overrides:
         key, _, raw = item.partition("=")
-        _set(values, key.strip(), raw)
+        apply_override(values, key.strip(), raw)
     cfg = config_from_dict(values)
     tc = cfg.training
 
