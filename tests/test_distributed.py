@@ -35,12 +35,10 @@ def torchrun(n, data, out, *extra):
 
 def one_process(data, out, steps=12, resume=False):
     cfg = small_config(data, out)
-    from slm.config import apply_override  # apply the same settings as the torchrun runs
+    from slm.config import apply_overrides  # apply the same settings as the torchrun runs
 
     values = cfg.to_dict()
-    for s in SETTINGS + ["training.batch_size=8", f"training.max_steps={steps}"]:
-        k, v = s.split("=")
-        apply_override(values, k, v)
+    apply_overrides(values, SETTINGS + ["training.batch_size=8", f"training.max_steps={steps}"])
     from slm.config import config_from_dict
 
     return run_training(config_from_dict(values), resume=resume, progress=False)

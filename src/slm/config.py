@@ -234,8 +234,17 @@ def builtin_configs() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith((".yaml", ".yml"))}
 
 
-def apply_override(values: dict, dotted: str, raw: str) -> None:
-    """Apply one ``section.key=value`` override; the value is parsed as YAML (so 3e-4, true, [a, b] work)."""
+def apply_overrides(values: dict, overrides: list[str] | tuple[str, ...]) -> None:
+    """Apply ``section.key=value`` overrides to a config mapping, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. training.lr=3e-4")
+        key, raw = item.split("=", 1)
+        _apply_override(values, key.strip(), raw)
+
+
+def _apply_override(values: dict, dotted: str, raw: str) -> None:
+    """Apply one override; the value is parsed as YAML (so 3e-4, true, [a, b] work)."""
     node = values
     *parents, leaf = dotted.split(".")
     for part in parents:
@@ -264,11 +273,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{file}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{file}: expected a mapping of sections (model, data, training)")
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. training.lr=3e-4")
-        key, raw = item.split("=", 1)
-        apply_override(values, key.strip(), raw)
+    apply_overrides(values, overrides)
     return config_from_dict(values)
 
 

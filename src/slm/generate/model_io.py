@@ -32,7 +32,7 @@ def load_model(checkpoint: str | Path, device: str = "auto") -> LoadedModel:
     if "lora" in state:  # a fine-tune's adapters: load its base and merge them in
         from slm.train.finetune import load_lora_model
 
-        model, _ = load_lora_model(state)
+        model = load_lora_model(state)
     else:
         model = GPT(cfg.model)
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from slm.checkpoint import load_checkpoint, save_checkpoint
-from slm.config import apply_override, config_from_dict
+from slm.config import apply_overrides, config_from_dict
 from slm.data.loader import BatchLoader, read_meta
 from slm.data.shards import prepare
 from slm.data.tokenizer import get_tokenizer, tokenizer_from_info
@@ -57,9 +57,7 @@ def run_finetune(checkpoint: str | Path, data: str, out_dir: str | Path, lora_ra
         raise DataError(f"{data_dir} was prepared with tokenizer {meta['tokenizer']!r}, but the model uses "
                         f"{tokenizer.name!r}; prepare the data with the model's tokenizer")
     values["data"].update(dir=str(data_dir), tokenizer=meta["tokenizer"])
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        apply_override(values, key.strip(), raw)
+    apply_overrides(values, overrides)
     cfg = config_from_dict(values)
     tc = cfg.training
 
@@ -98,7 +96,7 @@ def run_finetune(checkpoint: str | Path, data: str, out_dir: str | Path, lora_ra
     return result
 
 
-def load_lora_model(state: dict, map_location="cpu") -> tuple[GPT, dict]:
+def load_lora_model(state: dict, map_location="cpu") -> GPT:
     """A plain GPT from a LoRA checkpoint: its base with the adapters merged in."""
     base = load_checkpoint(state["lora"]["base"], map_location=map_location)
     cfg = config_from_dict(state["config"])
@@ -109,4 +107,4 @@ def load_lora_model(state: dict, map_location="cpu") -> tuple[GPT, dict]:
     model.load_state_dict(state["model"], strict=False)
     with torch.no_grad():
         merge_lora(model)
-    return model, base
+    return model
