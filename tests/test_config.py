@@ -32,6 +32,11 @@ def test_numbers_as_strings_and_overrides(tmp_path):
     ("modle:\n  d_model: 3\n", r"^modle: unknown key; did you mean 'model'\?"),
     ("training: 3\n", r"^training: expected a mapping"),
     ("training:\n  warmup_steps: 50\n  max_steps: 10\n", r"^training\.warmup_steps"),
+    ("training:\n  compile_mode: fast\n", r"^training\.compile_mode: expected one of default, reduce-overhead"),
+    ("training:\n  attention: flash3\n", r"^training\.attention: expected one of auto, flash, cudnn"),
+    ("training:\n  loss_chunk: -1\n", r"^training\.loss_chunk: expected 0 \(off\)"),
+    ("training:\n  prefetch: -2\n", r"^training\.prefetch: expected 0 \(off\)"),
+    ("logging:\n  peak_tflops: -5\n", r"^logging\.peak_tflops: expected a number >= 0"),
 ])
 def test_config_errors_name_the_key(tmp_path, yaml_text, message):
     path = tmp_path / "bad.yaml"

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from slm.data import BatchLoader, TextDataset, create_dataloader, get_tokenizer, iter_documents, open_tokens, prepare
@@ -108,3 +109,18 @@ def test_reference_style_datasets(sample_data):
     xb, yb = next(iter(loader))
     assert xb.shape == (4, 64) and xb.dtype.is_floating_point is False
     assert np.all(xb.numpy()[:, 1:] == yb.numpy()[:, :-1])
+
+
+def test_prefetcher_returns_exactly_the_loaders_batches(sample_data):
+    from slm.data.loader import BatchLoader, Prefetcher
+
+    loader = BatchLoader(sample_data, "train", 4, 32, seed=3)
+    ahead = Prefetcher(loader, micro_steps=3, depth=4)
+    try:
+        keys = [(s, m) for s in range(5) for m in range(3)] + [(9, 1), (9, 2), (2, 0)]  # in order, then jumps
+        for step, micro in keys:
+            for got, want in zip(ahead.get_batch(step, micro), loader.get_batch(step, micro)):
+                assert torch.equal(got, want), (step, micro)
+        assert ahead.batch_size == 4  # the loader's attributes show through
+    finally:
+        ahead.close()

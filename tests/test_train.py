@@ -7,6 +7,7 @@ import pytest
 from slm.cli import main
 from slm.data import open_tokens
 from slm.errors import CheckpointError, ConfigError
+from slm.model import GPT
 from slm.train import lr_at, run_training
 from tests.conftest import small_config
 
@@ -101,3 +102,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["train", "--set", "model.n_heads=5"]) == 2
     assert capsys.readouterr().err.startswith("error: model.n_heads")
+
+
+def test_speed_levers_keep_the_loss_curve_and_mfu_is_logged(sample_data, tmp_path, capsys):
+    """Prefetching and the fused output layer change how fast a step runs, not what it computes."""
+    steps = dict(max_steps=12, eval_every=6, checkpoint_every=100, log_every=3, gradient_accumulation_steps=2)
+    plain = run_training(small_config(sample_data, tmp_path / "a", prefetch=0, **steps), progress=False)
+    cfg = small_config(sample_data, tmp_path / "b", prefetch=3, loss_chunk=100, **steps)
+    cfg.logging.peak_tflops = 0.01  # a CPU has no datasheet figure: give one so MFU is computed
+    fast = run_training(cfg, progress=True)
+    a, b = metrics(tmp_path / "a", "train/loss"), metrics(tmp_path / "b", "train/loss")
+    assert a.keys() == b.keys() == {3, 6, 9, 12}
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-4), step
+    assert fast["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-4)
+    mfu, speed = metrics(tmp_path / "b", "train/mfu"), metrics(tmp_path / "b", "train/tokens_per_sec")
+    assert mfu.keys() == {3, 6, 9, 12} and "train/mfu" not in json.dumps(metrics(tmp_path / "a", "train/mfu"))
+    n = GPT(cfg.model).count_parameters(non_embedding=True)
+    for step in mfu:  # MFU = (6N + 12LHQT) x tokens/s / peak
+        assert mfu[step] == pytest.approx((6 * n + 12 * 2 * 2 * 32 * 64) * speed[step] / 1e10, rel=1e-2)
+    assert "MFU" in capsys.readouterr().err

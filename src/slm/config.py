@@ -22,6 +22,8 @@ from slm.errors import ConfigError
 from slm.model import GPTConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")
 
 
 @dataclass
@@ -57,6 +59,11 @@ class TrainingConfig:
     dtype: str = "auto"  # auto = bfloat16 on GPUs that have it, else float16 on GPU, float32 on CPU
     device: str = "auto"  # auto = cuda if available, else mps, else cpu
     compile: bool = True  # torch.compile the model (skipped with a notice where it is unavailable)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    attention: str = "auto"  # scaled_dot_product_attention kernel tried first: auto | flash | cudnn | efficient | math
+    loss_chunk: int = 8192  # fused output layer + cross-entropy, this many tokens at a time (no full logits); 0 = off
+    fused_optimizer: bool = True  # fused AdamW kernels on CUDA (one launch for all parameters); false = foreach
+    prefetch: int = 2  # batches a background thread prepares ahead (pinned memory, async copy); 0 = inline
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     parallelism: str = "ddp"  # with several processes (torchrun): ddp (replicate) or fsdp (shard, FSDP2)
     eval_every: int = 250  # steps between validation runs (and best.pt updates)
@@ -89,6 +96,11 @@ class TrainingConfig:
         _check(self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 disables clipping)", self.grad_clip)
         _check(self.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}", self.dtype)
         _check(self.parallelism in ("ddp", "fsdp"), "parallelism", "ddp or fsdp", self.parallelism)
+        _check(self.compile_mode in COMPILE_MODES, "compile_mode", f"one of {', '.join(COMPILE_MODES)}",
+               self.compile_mode)
+        _check(self.attention in ATTENTION, "attention", f"one of {', '.join(ATTENTION)}", self.attention)
+        _check(self.loss_chunk >= 0, "loss_chunk", "0 (off) or a number of tokens, e.g. 8192", self.loss_chunk)
+        _check(self.prefetch >= 0, "prefetch", "0 (off) or a number of batches, e.g. 2", self.prefetch)
         _check(self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda"), "device",
                "auto, cpu, cuda, cuda:N or mps", self.device)
 
@@ -112,6 +124,11 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: bool = False  # also write TensorBoard event files to <out_dir>/tensorboard
     plot: bool = True  # write <out_dir>/loss.png (train and val loss vs tokens) at the end of a run
+    peak_tflops: float = 0.0  # for MFU: the GPU's bf16 peak in TFLOP/s; 0 = its datasheet figure when known
+
+    def __post_init__(self):
+        _check(self.peak_tflops >= 0, "peak_tflops", "a number >= 0 (0 = the GPU's datasheet figure)",
+               self.peak_tflops)
 
 
 @dataclass

@@ -44,3 +44,21 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def attention_kernel(name: str = "auto"):
+    """Context in which ``scaled_dot_product_attention`` tries kernel ``name`` first (auto: PyTorch's choice).
+
+    The other kernels stay as fallbacks, so a choice the inputs or the device do not support (cudnn on a
+    CPU, say) still runs.
+    """
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    if name not in kernels:
+        raise ConfigError(f"training.attention: expected auto or one of {', '.join(kernels)}, got {name!r}")
+    order = [kernels[name]] + [k for k in kernels.values() if k != kernels[name]]
+    return sdpa_kernel(order, set_priority=True)

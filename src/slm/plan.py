@@ -59,16 +59,31 @@ PRICES = {
 DEFAULT_MFU = 0.35
 # Measured training throughput (tokens/s) of a model on a GPU, from benchmarks/RESULTS.md; a plan for the
 # same model shape on the same GPU uses the MFU these imply instead of DEFAULT_MFU. Add rows as benchmarks
-# land. seed30m on an H100: about 1.1M tokens/s x 183.2M FLOPs/token = 202 TFLOP/s, an MFU of about 0.20.
-# gpt_124m on an H100 (micro-batch 16, torch.compile, bf16): about 398k tokens/s, an MFU of 0.34.
+# land. seed30m on an H100 (`slm train --config seed30m`, micro-batch 512, dropout 0.1, real data): 1.5M
+# tokens/s, an MFU of 0.28 against the datasheet's 989 TFLOP/s. gpt_124m on an H100 (micro-batch 32,
+# benchmarks/train_throughput.py, dropout 0): 476k tokens/s, an MFU of 0.41 against the datasheet.
 MEASURED = [
-    {"gpu": "H100", "tokens_per_sec": 1.1e6, "source": "seed30m, benchmarks/RESULTS.md",
+    {"gpu": "H100", "tokens_per_sec": 1.5e6, "source": "seed30m, slm train, benchmarks/RESULTS.md",
      "model": {"vocab_size": 50257, "context_length": 128, "n_layers": 6, "n_heads": 6, "d_model": 384,
                "d_ff": 1536}},
-    {"gpu": "H100", "tokens_per_sec": 3.98e5, "source": "gpt_124m, micro-batch 16, torch.compile",
+    {"gpu": "H100", "tokens_per_sec": 4.76e5, "source": "gpt_124m, micro-batch 32, benchmarks/RESULTS.md",
      "model": {"vocab_size": 50257, "context_length": 1024, "n_layers": 12, "n_heads": 12, "d_model": 768,
                "d_ff": 3072}},
 ]
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """Datasheet bf16 (fp16 for the T4) dense peak in FLOP/s of a CUDA device name, or None when unknown."""
+    name = device_name.upper()
+    if "H100" in name:
+        key = "H100-PCIe" if "PCIE" in name else "H100"
+    elif "A100" in name:
+        key = "A100-80GB"
+    elif "L40" in name:  # not in the table (and not an L4)
+        key = None
+    else:
+        key = next((k for k in ("H200", "L4", "A10G", "T4") if k in name), None)
+    return GPUS[key]["tflops"] * 1e12 if key else None
 
 
 def find_gpu(name: str) -> str:
@@ -83,13 +98,7 @@ def find_gpu(name: str) -> str:
     raise ConfigError(f"gpu: unknown GPU {name!r}; known: {', '.join(GPUS)}")
 
 
-def flops_per_token(model: GPTConfig, n_params: int) -> int:
-    """Training FLOPs (forward + backward) per token: 6 N for the weights + 12 L H Q T for attention."""
-    L, H, Q, T = model.n_layers, model.n_heads, model.head_dim, model.context_length
-    return 6 * n_params + 12 * L * H * Q * T
-
-
-def activation_bytes(model: GPTConfig, micro_batch: int) -> int:
+def activation_bytes(model: GPTConfig, micro_batch: int, loss_chunk: int = 0) -> int:
     """Bytes of activations kept for the backward pass of one micro-batch, under bf16 autocast with a flash
     attention kernel (no T x T score matrix is stored).
 
@@ -107,16 +116,22 @@ def activation_bytes(model: GPTConfig, micro_batch: int) -> int:
     Outside the layers, per token: 6h (final LayerNorm input, fp32, and the output layer's bf16 input), 1h
     embedding dropout mask, and 12 bytes per vocabulary entry for the logits (bf16 logits and their gradient,
     2 + 2; the fp32 log-softmax that cross-entropy keeps and its gradient, 4 + 4), often the largest term.
+    With the fused loss (``training.loss_chunk``) the logits exist for one chunk of tokens at a time (the
+    same 12 bytes per entry, for ``loss_chunk`` tokens only), plus the hidden-state gradient kept from
+    forward (2h per token) and the output layer's gradient (6 bytes per weight: fp32 sum and bf16 copy).
     """
     h, f, a, V = model.d_model, model.d_ff, model.n_heads, model.vocab_size
     dropout = model.dropout > 0
     per_layer = 22 * h + 4 * f + 4 * a + (2 * h if dropout else 0)
-    outside = 6 * h + (h if dropout else 0) + 12 * V
+    outside = 6 * h + (h if dropout else 0)
     tokens = micro_batch * model.context_length
-    return tokens * (model.n_layers * per_layer + outside)
+    if not loss_chunk:
+        return tokens * (model.n_layers * per_layer + outside + 12 * V)
+    head = min(tokens, loss_chunk) * 12 * V + 6 * V * h
+    return tokens * (model.n_layers * per_layer + outside + 2 * h) + head
 
 
-def memory_estimate(model: GPTConfig, n_params: int, micro_batch: int) -> dict:
+def memory_estimate(model: GPTConfig, n_params: int, micro_batch: int, loss_chunk: int = 0) -> dict:
     """GPU memory of training with AdamW under bf16 autocast, in bytes.
 
     16 bytes per parameter for the model state: fp32 weights (4), fp32 gradients (4) and AdamW's two fp32
@@ -126,11 +141,12 @@ def memory_estimate(model: GPTConfig, n_params: int, micro_batch: int) -> dict:
 
     Checked on an H100 (gpt_124m, bf16 autocast, fused AdamW, peak of torch.cuda.max_memory_allocated):
     micro-batch 4 / 8 / 16 used 5.7 / 9.8 / 17.9 GiB running eagerly against 5.8 / 9.6 / 17.0 estimated;
-    with torch.compile (fused kernels keep fewer activations) 8 / 16 used 7.5 / 13.3 GiB.
+    with torch.compile (fused kernels keep fewer activations) 8 / 16 used 7.5 / 13.3 GiB; compiled with the
+    fused loss (loss_chunk 8192), 16 / 32 used 9.2 / 16.1 GiB (benchmarks/RESULTS.md).
     """
     state = 16 * n_params
     bf16_weights = 2 * n_params
-    activations = activation_bytes(model, micro_batch)
+    activations = activation_bytes(model, micro_batch, loss_chunk)
     return {"state": state, "bf16_weights": bf16_weights, "activations": activations,
             "total": state + bf16_weights + activations}
 
@@ -174,7 +190,7 @@ def plan(config: str | Path | Config, gpu: str = "H100", tokens: int | None = No
         model = GPT(model_cfg)
     n_params = model.count_parameters()
     n_flops_params = model.count_parameters(non_embedding=True)  # without the position table
-    per_token = flops_per_token(model_cfg, n_flops_params)
+    per_token = model.flops_per_token()  # 6 N + 12 L H Q T
 
     tc = cfg.training
     tokens_per_step = tc.batch_size * tc.gradient_accumulation_steps * model_cfg.context_length
@@ -195,13 +211,13 @@ def plan(config: str | Path | Config, gpu: str = "H100", tokens: int | None = No
     price = PRICES[gpu] if price is None else price
 
     micro_batch = micro_batch or tc.batch_size
-    memory = memory_estimate(model_cfg, n_params, micro_batch)
+    memory = memory_estimate(model_cfg, n_params, micro_batch, tc.loss_chunk)
     memory_gb = memory["total"] / GIB
     warning = None
     if memory_gb > spec["memory_gb"]:
         # largest micro-batch that fits, keeping the effective batch with more accumulation steps
-        fixed = memory["state"] + memory["bf16_weights"]
-        per_seq = activation_bytes(model_cfg, 1)
+        per_seq = activation_bytes(model_cfg, 2, tc.loss_chunk) - activation_bytes(model_cfg, 1, tc.loss_chunk)
+        fixed = memory["state"] + memory["bf16_weights"] + activation_bytes(model_cfg, 1, tc.loss_chunk) - per_seq
         fits = int((spec["memory_gb"] * GIB - fixed) // per_seq)
         if fits >= 1:
             effective = micro_batch * tc.gradient_accumulation_steps

@@ -105,3 +105,47 @@ class BatchLoader:
         else:
             window = window.to(self.device)
         return window[:, :-1], window[:, 1:]
+
+
+class Prefetcher:
+    """Prepares the next ``depth`` batches of a ``BatchLoader`` in a background thread.
+
+    Batches are a pure function of (step, micro_step), so the ones that come next are known in advance:
+    while the GPU runs step N, the thread gathers the rows of the following batches from the memory-mapped
+    shards, pins them and starts their copy to the GPU. ``get_batch`` returns exactly what the loader would.
+    """
+
+    def __init__(self, loader: BatchLoader, micro_steps: int, depth: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.loader, self.micro_steps, self.depth = loader, micro_steps, depth
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slm-prefetch")
+        self._pending: dict[tuple[int, int], object] = {}
+
+    def __getattr__(self, name):  # batch_size, context_length, split, ... of the loader
+        return getattr(self.loader, name)
+
+    def _next(self, step: int, micro: int) -> tuple[int, int]:
+        return (step, micro + 1) if micro + 1 < self.micro_steps else (step + 1, 0)
+
+    def get_batch(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (step, micro_step)
+        future = self._pending.pop(key, None)
+        if future is None:  # first call, or a jump (resume): start over from here
+            self._cancel()
+            future = self._pool.submit(self.loader.get_batch, *key)
+        ahead = key
+        for _ in range(self.depth):
+            ahead = self._next(*ahead)
+            if ahead not in self._pending:
+                self._pending[ahead] = self._pool.submit(self.loader.get_batch, *ahead)
+        return future.result()
+
+    def _cancel(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+
+    def close(self) -> None:
+        self._cancel()
+        self._pool.shutdown(wait=True)

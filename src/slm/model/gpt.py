@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from slm.errors import ConfigError
+from slm.model.loss import linear_cross_entropy
 
 
 @dataclass
@@ -155,6 +156,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: one matrix reads and writes tokens
         self.gradient_checkpointing = False  # recompute block activations in backward: less memory, ~30% more compute
+        self.loss_chunk = 0  # > 0: output layer + cross-entropy fused, this many tokens at a time (see loss.py)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module):
@@ -168,14 +170,27 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def count_parameters(self, non_embedding: bool = False) -> int:
-        """Number of parameters (tied weights counted once); ``non_embedding`` leaves out the position table."""
-        n = sum(p.numel() for p in self.parameters())
+        """Number of parameters (tied weights counted once); ``non_embedding`` leaves out the position table.
+
+        Rows added by ``vocab_multiple`` padding are not counted: no token reads them and no logit uses them.
+        """
+        c = self.config
+        n = sum(p.numel() for p in self.parameters()) - (c.padded_vocab_size - c.vocab_size) * c.d_model
         return n - self.pos_emb.weight.numel() if non_embedding else n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs (forward + backward) per token: 6 N for the weights + 12 L H Q T for attention.
+
+        N leaves out the position table (a lookup, no matmul); the PaLM paper's appendix B, as nanoGPT counts.
+        """
+        c = self.config
+        return 6 * self.count_parameters(non_embedding=True) + 12 * c.n_layers * c.n_heads * c.head_dim * c.context_length
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         """idx: (B, T) token ids. Returns (logits, loss).
 
-        With ``targets`` the loss is the mean cross-entropy over all positions (ids < 0 are ignored).
+        With ``targets`` the loss is the mean cross-entropy over all positions (ids < 0 are ignored); when
+        training with ``loss_chunk`` set, the logits are not materialized and come back as None.
         With a ``cache`` only the last position's logits are computed: that is all sampling needs.
         """
         B, T = idx.shape
@@ -194,13 +209,20 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
             x = x[:, -1:, :]
-        logits = self.lm_head(x)
-        if self.config.padded_vocab_size != self.config.vocab_size:
-            logits = logits[..., : self.config.vocab_size]  # padding rows are never predicted
+        V = self.config.vocab_size
+        if targets is not None and self.loss_chunk and torch.is_grad_enabled():  # training: no full logits
+            loss = linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), self.loss_chunk, V)
+            return None, loss
+        logits = self.lm_head(x)  # (B, T, padded_vocab_size): the padded width keeps the matmul aligned
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            scores = logits.view(B * T, -1)
+            if self.config.padded_vocab_size != V:  # padding ids are never predicted (masked, not sliced: no copy)
+                padding = torch.arange(scores.size(1), device=scores.device) >= V
+                scores = scores.masked_fill(padding, float("-inf"))
+            # autocast runs cross_entropy in float32; outside it the logits already are float32
+            loss = F.cross_entropy(scores, targets.reshape(-1), ignore_index=-1)
+        return logits[..., :V], loss
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache; ``dtype`` should match the compute dtype (e.g. bfloat16 under autocast)."""

@@ -25,12 +25,13 @@ from tqdm import tqdm
 
 from slm.checkpoint import load_checkpoint, save_checkpoint
 from slm.config import Config, TrainingConfig, config_from_dict, save_config
-from slm.data.loader import BatchLoader, read_meta
+from slm.data.loader import BatchLoader, Prefetcher, read_meta
 from slm.data.shards import prepare
 from slm.data.tokenizer import get_tokenizer, tokenizer_info
-from slm.device import autocast, resolve_device, resolve_dtype
+from slm.device import attention_kernel, autocast, resolve_device, resolve_dtype
 from slm.errors import CheckpointError, ConfigError, TrainingDiverged
 from slm.model import GPT
+from slm.plan import gpu_peak_flops
 from slm.train.distributed import (DistributedContext, init_distributed, mean_across_ranks, set_gradient_sync,
                                    shutdown, wrap_model)
 from slm.train.logger import RunLogger
@@ -82,19 +83,25 @@ class Trainer:
         self.dtype = resolve_dtype(tc.dtype, self.device)
         self.model = model.to(self.device)  # the raw model: what checkpoints hold
         self.model.gradient_checkpointing = tc.gradient_checkpointing
+        self.model.loss_chunk = tc.loss_chunk  # fused output layer + cross-entropy, no full logits
         self.train_loader, self.val_loader = train_loader, val_loader
+        if tc.prefetch:  # the next batches are gathered, pinned and sent to the GPU while this step runs
+            self.train_loader = Prefetcher(train_loader, tc.gradient_accumulation_steps, tc.prefetch)
         self.tokenizer = tokenizer or {}
         self.progress = progress and self.ctx.is_main  # only rank 0 talks and writes
         self.run_dir = Path(tc.out_dir)
         self.logger = RunLogger(config, self.run_dir, enabled=self.ctx.is_main)
         self.forward = self.model  # what evaluation calls: the model, compiled on CUDA
+        self.cuda_graphs = False
         if tc.compile:
             if self.device.type == "cuda":
-                self.forward = torch.compile(self.model)
+                self.forward = torch.compile(self.model, mode=None if tc.compile_mode == "default" else tc.compile_mode)
+                self.cuda_graphs = tc.compile_mode in ("reduce-overhead", "max-autotune")
             else:
                 self._say(f"note: torch.compile is used on CUDA only; running eagerly on {self.device.type}")
         self.train_forward = wrap_model(self.model, self.forward, self.ctx, tc.parallelism)  # + DDP / FSDP
-        self.optimizer = self.model.configure_optimizer(tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps)
+        self.optimizer = self.model.configure_optimizer(tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps,
+                                                        fused=tc.fused_optimizer and self.device.type == "cuda")
         # Every step goes through a GradScaler, which skips the optimizer step when a gradient is inf/NaN
         # (without a GPU sync on fused optimizers). fp16 needs its dynamic loss scaling; for bf16/fp32 the
         # scale starts at 1, never grows, and halves on each skipped step: we read it at log steps to count them.
@@ -110,6 +117,23 @@ class Trainer:
         self.best_val_loss = float("inf")
         self.tokens_per_step = (tc.batch_size * tc.gradient_accumulation_steps * self.ctx.world_size
                                 * model.config.context_length)
+        # model FLOPs utilization: achieved FLOP/s over the GPU's peak (per process, so comparable across sizes)
+        self.flops_per_token = model.flops_per_token()
+        peak = config.logging.peak_tflops * 1e12
+        if not peak and self.device.type == "cuda":
+            peak = gpu_peak_flops(torch.cuda.get_device_name(self.device)) or 0.0
+        self.peak_flops = peak
+
+    def _forward(self, x, y):
+        """The training/eval forward: mixed precision, the chosen attention kernel, CUDA-graph bookkeeping."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # outputs of the previous replay have been consumed
+        with autocast(self.device, self.dtype), attention_kernel(self.cfg.training.attention):
+            return self.train_forward(x, y) if self.model.training else self.forward(x, y)
+
+    def mfu(self, tokens_per_sec: float) -> float:
+        """Model FLOPs utilization of one process: (6N + 12 L H Q T) x tokens/s / peak FLOP/s."""
+        return self.flops_per_token * tokens_per_sec / self.ctx.world_size / self.peak_flops
 
     def _say(self, message: str) -> None:
         if self.progress:
@@ -128,8 +152,7 @@ class Trainer:
         total = torch.zeros(2, device=self.device)  # sum of batch losses, number of batches
         for i in range(self.cfg.training.eval_batches):
             x, y = self.val_loader.get_batch(i)
-            with autocast(self.device, self.dtype):
-                _, loss = self.forward(x, y)
+            _, loss = self._forward(x, y)
             total += torch.stack([loss.float(), torch.ones((), device=self.device)])
         if self.ctx.enabled:
             torch.distributed.all_reduce(total)
@@ -223,8 +246,7 @@ class Trainer:
         for micro in range(tc.gradient_accumulation_steps):
             set_gradient_sync(self.train_forward, micro == tc.gradient_accumulation_steps - 1)
             x, y = self.train_loader.get_batch(self.step, micro)
-            with autocast(self.device, self.dtype):
-                _, loss = self.train_forward(x, y)
+            _, loss = self._forward(x, y)
             loss = loss / tc.gradient_accumulation_steps
             self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
@@ -273,11 +295,15 @@ class Trainer:
                     now = time.time()
                     tokens_per_sec = (self.tokens_seen - tokens_last) / max(now - t_last, 1e-9)
                     t_last, tokens_last = now, self.tokens_seen
-                    self._log({"step": self.step, "train/loss": train_loss, "train/lr": lr,
-                               "train/tokens_seen": self.tokens_seen, "train/tokens_per_sec": round(tokens_per_sec, 1),
-                               "train/grad_norm": grad_norm.item(), "train/skipped_steps": self.skipped_steps})
-                    bar.set_postfix_str(f"loss {train_loss:.3f} | val {val_loss:.3f} | lr {lr:.2e} | "
-                                        f"{tokens_per_sec:,.0f} tok/s")
+                    record = {"step": self.step, "train/loss": train_loss, "train/lr": lr,
+                              "train/tokens_seen": self.tokens_seen, "train/tokens_per_sec": round(tokens_per_sec, 1),
+                              "train/grad_norm": grad_norm.item(), "train/skipped_steps": self.skipped_steps}
+                    speed = f"{tokens_per_sec:,.0f} tok/s"
+                    if self.peak_flops:
+                        record["train/mfu"] = round(self.mfu(tokens_per_sec), 4)
+                        speed += f" | MFU {record['train/mfu']:.0%}"
+                    self._log(record)
+                    bar.set_postfix_str(f"loss {train_loss:.3f} | val {val_loss:.3f} | lr {lr:.2e} | {speed}")
 
                 # evaluate; keep the best model
                 if self.step % tc.eval_every == 0 or last_step:
@@ -295,6 +321,8 @@ class Trainer:
                     break
         finally:
             bar.close()  # the bar ends its line, so any error message starts on a fresh one
+            if isinstance(self.train_loader, Prefetcher):
+                self.train_loader.close()
             self.logger.finish()
         return {"step": self.step, "train_loss": train_loss, "val_loss": val_loss,
                 "best_val_loss": self.best_val_loss, "tokens_seen": self.tokens_seen}

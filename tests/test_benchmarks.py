@@ -1,0 +1,53 @@
+"""The GPU benchmark scripts still run (on the CPU, with tiny settings): they must not rot between GPU runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A stand-in for nanoGPT's model.py with its interface (GPTConfig fields, GPT(config), configure_optimizers),
+# built on slm's model, so the side-by-side harness is exercised without nanoGPT's code in the repository.
+FAKE_NANOGPT = '''
+from dataclasses import dataclass
+from slm.model import GPT as SlmGPT, GPTConfig as SlmConfig
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+class GPT(SlmGPT):
+    def __init__(self, c):
+        super().__init__(SlmConfig(vocab_size=c.vocab_size, context_length=c.block_size, n_layers=c.n_layer,
+                                   n_heads=c.n_head, d_model=c.n_embd, d_ff=4 * c.n_embd, dropout=c.dropout,
+                                   bias=c.bias))
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        return self.configure_optimizer(learning_rate, weight_decay, betas, 1e-8, fused=device_type == "cuda")
+'''
+
+
+def test_train_throughput_runs_both_sides_and_the_levers(tmp_path):
+    (tmp_path / "nano").mkdir()
+    (tmp_path / "nano" / "model.py").write_text(FAKE_NANOGPT)
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--device", "cpu", "--config", "tiny",
+           "--batch", "2", "--set", "training.dtype=float32", "--set", "model.n_layers=1", "--steps", "2",
+           "--warmup", "1", "--nanogpt", str(tmp_path / "nano"), "--variant", "training.loss_chunk=0",
+           "--jobs", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert [(r["side"], r["overrides"][-1:]) for r in results] == [
+        ("nanoGPT", ["model.n_layers=1"]), ("slm", ["model.n_layers=1"]), ("slm", ["training.loss_chunk=0"])]
+    for r in results:
+        assert "error" not in r, r
+        assert r["tokens_per_sec"] > 0 and r["ms_per_step"] > 0 and 0 < r["mfu"] and r["loss"] > 0
+    assert "best slm" in proc.stdout and "vs best nanoGPT" in proc.stdout
