@@ -80,7 +80,8 @@ def test_only_rank_zero_writes_and_checkpoints_resume_on_one_process(two_process
 
 
 def test_fsdp_matches_one_process_and_its_checkpoint_loads_anywhere(sample_data, tmp_path):
-    torchrun(2, sample_data, tmp_path / "fsdp", "--set", "training.parallelism=fsdp")
+    # FSDP with the fused output layer + loss (as the GPU configs run), against one plain process
+    torchrun(2, sample_data, tmp_path / "fsdp", "--set", "training.parallelism=fsdp", "--set", "training.loss_chunk=100")
     one_process(sample_data, tmp_path / "one")
     a, b = losses(tmp_path / "fsdp"), losses(tmp_path / "one")
     for step in range(1, 13):

@@ -61,7 +61,7 @@ class TrainingConfig:
     compile: bool = True  # torch.compile the model (skipped with a notice where it is unavailable)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     attention: str = "auto"  # scaled_dot_product_attention kernel tried first: auto | flash | cudnn | efficient | math
-    loss_chunk: int = 8192  # fused output layer + cross-entropy, this many tokens at a time (no full logits); 0 = off
+    loss_chunk: int = 0  # > 0: fused output layer + cross-entropy, this many tokens at a time (no full logits; GPU)
     fused_optimizer: bool = True  # fused AdamW kernels on CUDA (one launch for all parameters); false = foreach
     prefetch: int = 2  # batches a background thread prepares ahead (pinned memory, async copy); 0 = inline
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
