@@ -64,10 +64,7 @@ LEVERS = {
 # ----------------------------------------------------------------------------------------------- worker side
 
 @contextmanager
-def gpu_lock(held: bool = False):
-    if held:  # this process already holds it
-        yield
-        return
+def gpu_lock():
     LOCK.touch(exist_ok=True)
     with open(LOCK) as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -197,30 +194,29 @@ def profile(step, spec: dict) -> None:
 def run_worker(spec: dict) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    if spec.get("exclusive"):  # a retry after running out of memory next to other settings: the GPU alone
-        exclusive = gpu_lock()
-        exclusive.__enter__()
-    step, tokens_per_step = (nanogpt_stepper if spec["side"] == "nanoGPT" else slm_stepper)(spec)
-    t0 = time.perf_counter()
-    step().item()  # compiles (outside the lock: other settings may be timed meanwhile)
-    compile_s = time.perf_counter() - t0
-    with gpu_lock(held=spec.get("exclusive", False)):
-        for _ in range(spec["warmup"]):
-            step()
-        sync(spec["device"])
-        cuda = spec["device"].startswith("cuda")
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        windows = []
-        for _ in range(3):  # three timed windows; the best is the least disturbed
-            t = time.perf_counter()
-            for _ in range(spec["steps"]):
-                loss = step()
-            loss.item()
+    exclusive = spec.get("exclusive", False)  # a retry after running out of memory next to other settings
+    with gpu_lock() if exclusive else nullcontext():  # ... holds the GPU alone, compiling included
+        step, tokens_per_step = (nanogpt_stepper if spec["side"] == "nanoGPT" else slm_stepper)(spec)
+        t0 = time.perf_counter()
+        step().item()  # compiles (outside the lock: other settings may be timed meanwhile)
+        compile_s = time.perf_counter() - t0
+        with nullcontext() if exclusive else gpu_lock():
+            for _ in range(spec["warmup"]):
+                step()
             sync(spec["device"])
-            windows.append((time.perf_counter() - t) / spec["steps"])
-        if spec.get("profile"):
-            profile(step, spec)
+            cuda = spec["device"].startswith("cuda")
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            windows = []
+            for _ in range(3):  # three timed windows; the best is the least disturbed
+                t = time.perf_counter()
+                for _ in range(spec["steps"]):
+                    loss = step()
+                loss.item()
+                sync(spec["device"])
+                windows.append((time.perf_counter() - t) / spec["steps"])
+            if spec.get("profile"):
+                profile(step, spec)
     dt = min(windows)
     return {"tokens_per_sec": tokens_per_step / dt, "ms_per_step": dt * 1000, "compile_s": compile_s,
             "spread": max(windows) / dt - 1, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
