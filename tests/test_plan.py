@@ -78,3 +78,32 @@ def test_bad_values():
     for kwargs in ({"mfu": 0}, {"mfu": 1.5}, {"tokens": 0}, {"micro_batch": 0}):
         with pytest.raises(SlmError):
             plan("gpt_124m", "H100", **kwargs)
+
+
+def test_fit_micro_batch_keeps_the_effective_batch():
+    from slm.plan import GIB, fit_micro_batch, memory_estimate
+
+    cfg = load_config("gpt_124m").model
+    n = plan("gpt_124m", "H100")["parameters"]
+    need = {m: memory_estimate(cfg, n, m, 8192)["total"] for m in (8, 12, 16, 24, 48)}
+    assert fit_micro_batch(cfg, n, 48, 8192, need[16] + 1) == 16  # 24 does not fit; 16 divides 48
+    assert fit_micro_batch(cfg, n, 48, 8192, need[24]) == 24
+    assert fit_micro_batch(cfg, n, 48, 8192, 1000 * GIB) == 48  # never more than the effective batch
+    assert fit_micro_batch(cfg, n, 48, 8192, 1 * GIB) == 0  # the model state alone does not fit
+
+
+def test_auto_micro_batch_uses_the_free_gpu_memory(monkeypatch):
+    import torch
+
+    from slm.plan import auto_micro_batch
+
+    cfg = load_config("gpt_124m", ["training.batch_size=8", "training.gradient_accumulation_steps=8"])
+    assert auto_micro_batch(cfg, torch.device("cpu")) is None  # sizes are chosen on a GPU only
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 2**30, 80 * 2**30))
+    big = auto_micro_batch(cfg, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (24 * 2**30, 24 * 2**30))
+    small = auto_micro_batch(cfg, torch.device("cuda"))
+    assert big[0] * big[1] == small[0] * small[1] == 64
+    assert big[0] > small[0] >= 8 and big[0] in (32, 64)
+    for (m, _), free in ((big, 80), (small, 24)):  # with room for the estimate's error
+        assert 1.5 * plan(cfg, "H100", micro_batch=m)["memory_gb"] < 0.9 * free

@@ -122,3 +122,25 @@ def test_speed_levers_keep_the_loss_curve_and_mfu_is_logged(sample_data, tmp_pat
     for step in mfu:  # MFU = (6N + 12LHQT) x tokens/s / peak
         assert mfu[step] == pytest.approx((6 * n + 12 * 2 * 2 * 32 * 64) * speed[step] / 1e10, rel=1e-2)
     assert "MFU" in capsys.readouterr().err
+
+
+def test_auto_batch_size_picks_a_split_and_a_resume_keeps_it(sample_data, tmp_path, monkeypatch, capsys):
+    """On a GPU the micro-batch is chosen from the free memory; a resumed run keeps the split it started with."""
+    from slm.train import trainer
+
+    cfg = small_config(sample_data, tmp_path / "run", batch_size=4, gradient_accumulation_steps=4,
+                       auto_batch_size=True, max_steps=6, checkpoint_every=3, eval_every=3)
+    monkeypatch.setattr(trainer, "auto_micro_batch", lambda cfg, device: (8, 2))  # what a GPU would answer
+    run_training(cfg, stop_after=3)
+    assert "auto_batch_size: micro-batch 8 x 2 accumulation steps (configured 4 x 4" in capsys.readouterr().out
+    assert (cfg.training.batch_size, cfg.training.gradient_accumulation_steps) == (8, 2)
+    assert "batch_size: 8" in (tmp_path / "run" / "config.yaml").read_text()
+    monkeypatch.setattr(trainer, "auto_micro_batch", lambda cfg, device: (16, 1))  # a bigger GPU this time
+    cfg = small_config(sample_data, tmp_path / "run", batch_size=4, gradient_accumulation_steps=4,
+                       auto_batch_size=True, max_steps=6, checkpoint_every=3, eval_every=3)
+    result = run_training(cfg, resume=True, progress=False)
+    assert (cfg.training.batch_size, cfg.training.gradient_accumulation_steps) == (8, 2) and result["step"] == 6
+    cfg = small_config(sample_data, tmp_path / "cpu", auto_batch_size=True, max_steps=2, warmup_steps=1)
+    monkeypatch.setattr(trainer, "auto_micro_batch", lambda cfg, device: None)  # a CPU: keep the config
+    run_training(cfg)
+    assert "auto_batch_size: keeping micro-batch 8" in capsys.readouterr().out

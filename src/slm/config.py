@@ -24,6 +24,7 @@ from slm.model import GPTConfig
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")
+FP8 = ("none", "head", "all")
 
 
 @dataclass
@@ -46,6 +47,7 @@ class DataConfig:
 class TrainingConfig:
     batch_size: int = 16  # micro-batch per optimizer step and device
     gradient_accumulation_steps: int = 1  # effective batch = batch_size * gradient_accumulation_steps
+    auto_batch_size: bool = False  # on a GPU: the largest micro-batch that fits, same effective batch
     max_steps: int = 1000
     lr: float = 6e-4  # peak learning rate, reached after warmup
     min_lr: float = 6e-5  # floor of the cosine decay
@@ -62,6 +64,7 @@ class TrainingConfig:
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     attention: str = "auto"  # scaled_dot_product_attention kernel tried first: auto | flash | cudnn | efficient | math
     loss_chunk: int = 0  # > 0: fused output layer + cross-entropy, this many tokens at a time (no full logits; GPU)
+    fp8: str = "none"  # FP8 matmuls on GPUs that have them (H100, L4, ...): none | head (output layer) | all
     fused_optimizer: bool = True  # fused AdamW kernels on CUDA (one launch for all parameters); false = foreach
     prefetch: int = 2  # batches a background thread prepares ahead (pinned memory, async copy); 0 = inline
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
@@ -99,6 +102,7 @@ class TrainingConfig:
         _check(self.compile_mode in COMPILE_MODES, "compile_mode", f"one of {', '.join(COMPILE_MODES)}",
                self.compile_mode)
         _check(self.attention in ATTENTION, "attention", f"one of {', '.join(ATTENTION)}", self.attention)
+        _check(self.fp8 in FP8, "fp8", f"one of {', '.join(FP8)}", self.fp8)
         _check(self.loss_chunk >= 0, "loss_chunk", "0 (off) or a number of tokens, e.g. 8192", self.loss_chunk)
         _check(self.prefetch >= 0, "prefetch", "0 (off) or a number of batches, e.g. 2", self.prefetch)
         _check(self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda"), "device",
@@ -234,6 +238,8 @@ def _build(cls, values, prefix: str):
             raise ConfigError(f"{key}: unknown key{hint}")
         if cls is GPTConfig and name == "vocab_size" and value == "auto":
             value = 0  # taken from the data's tokenizer at training time
+        if cls is TrainingConfig and name == "fp8" and value is False:
+            value = "none"  # YAML reads "fp8: off" as false
         kwargs[name] = _coerce(value, hints[name], key)
     try:
         return cls(**kwargs)

@@ -61,12 +61,12 @@ DEFAULT_MFU = 0.35
 # same model shape on the same GPU uses the MFU these imply instead of DEFAULT_MFU. Add rows as benchmarks
 # land. seed30m on an H100 (`slm train --config seed30m`, micro-batch 512, dropout 0.1, real data): 1.5M
 # tokens/s, an MFU of 0.28 against the datasheet's 989 TFLOP/s. gpt_124m on an H100 (micro-batch 32,
-# benchmarks/train_throughput.py, dropout 0): 476k tokens/s, an MFU of 0.41 against the datasheet.
+# fp8 head, benchmarks/train_throughput.py, dropout 0): 490k tokens/s, an MFU of 0.42 against the datasheet.
 MEASURED = [
     {"gpu": "H100", "tokens_per_sec": 1.5e6, "source": "seed30m, slm train, benchmarks/RESULTS.md",
      "model": {"vocab_size": 50257, "context_length": 128, "n_layers": 6, "n_heads": 6, "d_model": 384,
                "d_ff": 1536}},
-    {"gpu": "H100", "tokens_per_sec": 4.76e5, "source": "gpt_124m, micro-batch 32, benchmarks/RESULTS.md",
+    {"gpu": "H100", "tokens_per_sec": 4.9e5, "source": "gpt_124m, micro-batch 32, benchmarks/RESULTS.md",
      "model": {"vocab_size": 50257, "context_length": 1024, "n_layers": 12, "n_heads": 12, "d_model": 768,
                "d_ff": 3072}},
 ]
@@ -142,13 +142,42 @@ def memory_estimate(model: GPTConfig, n_params: int, micro_batch: int, loss_chun
     Checked on an H100 (gpt_124m, bf16 autocast, fused AdamW, peak of torch.cuda.max_memory_allocated):
     micro-batch 4 / 8 / 16 used 5.7 / 9.8 / 17.9 GiB running eagerly against 5.8 / 9.6 / 17.0 estimated;
     with torch.compile (fused kernels keep fewer activations) 8 / 16 used 7.5 / 13.3 GiB; compiled with the
-    fused loss (loss_chunk 8192), 16 / 32 used 9.2 / 16.1 GiB (benchmarks/RESULTS.md).
+    fused loss (loss_chunk 8192), 16 / 32 used 9.2 / 16.1 GiB against 12.6 / 18.4 estimated; seed30m
+    (context 128) at 512 / 1024 used 12.9 / 24.6 GiB against 11.1 / 16.9 (benchmarks/RESULTS.md).
     """
     state = 16 * n_params
     bf16_weights = 2 * n_params
     activations = activation_bytes(model, micro_batch, loss_chunk)
     return {"state": state, "bf16_weights": bf16_weights, "activations": activations,
             "total": state + bf16_weights + activations}
+
+
+def fit_micro_batch(model: GPTConfig, n_params: int, effective: int, loss_chunk: int, memory: float) -> int:
+    """The largest micro-batch that divides ``effective`` (sequences per step) and whose ``memory_estimate``
+    fits in ``memory`` bytes; 0 when not even one sequence fits."""
+    for m in range(effective, 0, -1):
+        if effective % m == 0 and memory_estimate(model, n_params, m, loss_chunk)["total"] <= memory:
+            return m
+    return 0
+
+
+def auto_micro_batch(cfg: Config, device: torch.device) -> tuple[int, int] | None:
+    """``training.auto_batch_size``: (micro-batch, accumulation steps) for ``cfg`` on CUDA ``device``.
+
+    Keeps the effective batch (``batch_size x gradient_accumulation_steps``) and picks the largest micro-batch
+    dividing it whose estimated memory, plus 50% (compiled peaks measured on an H100 were 0.75x to 1.46x the
+    estimate: see ``memory_estimate``), fits in 90% of the GPU's free memory. Larger micro-batches
+    run fewer, larger kernels: faster, same training math.
+    None when ``device`` is not a GPU or not even one sequence fits.
+    """
+    if device.type != "cuda":
+        return None
+    with torch.device("meta"):
+        n_params = GPT(cfg.model).count_parameters()
+    free, _ = torch.cuda.mem_get_info(device)
+    effective = cfg.training.batch_size * cfg.training.gradient_accumulation_steps
+    m = fit_micro_batch(cfg.model, n_params, effective, cfg.training.loss_chunk, 0.9 * free / 1.5)
+    return (m, effective // m) if m else None
 
 
 def _model_config(cfg: Config) -> GPTConfig:
@@ -215,16 +244,12 @@ def plan(config: str | Path | Config, gpu: str = "H100", tokens: int | None = No
     memory_gb = memory["total"] / GIB
     warning = None
     if memory_gb > spec["memory_gb"]:
-        # largest micro-batch that fits, keeping the effective batch with more accumulation steps
-        per_seq = activation_bytes(model_cfg, 2, tc.loss_chunk) - activation_bytes(model_cfg, 1, tc.loss_chunk)
-        fixed = memory["state"] + memory["bf16_weights"] + activation_bytes(model_cfg, 1, tc.loss_chunk) - per_seq
-        fits = int((spec["memory_gb"] * GIB - fixed) // per_seq)
-        if fits >= 1:
-            effective = micro_batch * tc.gradient_accumulation_steps
+        effective = micro_batch * tc.gradient_accumulation_steps
+        fits = fit_micro_batch(model_cfg, n_params, effective, tc.loss_chunk, spec["memory_gb"] * GIB)
+        if fits:
             warning = (f"~{memory_gb:.1f} GiB needed but the {gpu} has {spec['memory_gb']} GiB: use micro-batch "
-                       f"{fits} or less (--set training.batch_size={fits}) and raise "
-                       f"training.gradient_accumulation_steps to {math.ceil(effective / fits)} to keep "
-                       f"{effective} sequences per step")
+                       f"{fits} (--set training.batch_size={fits} --set training.gradient_accumulation_steps="
+                       f"{effective // fits}, the same {effective} sequences per step), or training.auto_batch_size")
         else:
             warning = (f"~{memory_gb:.1f} GiB needed but the {gpu} has {spec['memory_gb']} GiB, and the model "
                        "state alone does not fit: use a GPU with more memory or a smaller model")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from slm.errors import ConfigError
+from slm.model.fp8 import fp8_linear
 from slm.model.loss import linear_cross_entropy
 
 
@@ -157,6 +158,7 @@ class GPT(nn.Module):
         self.lm_head.weight = self.tok_emb.weight  # weight tying: one matrix reads and writes tokens
         self.gradient_checkpointing = False  # recompute block activations in backward: less memory, ~30% more compute
         self.loss_chunk = 0  # > 0: output layer + cross-entropy fused, this many tokens at a time (see loss.py)
+        self.fp8_head = False  # output layer's training matmuls in FP8 (see fp8.py)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module):
@@ -211,9 +213,11 @@ class GPT(nn.Module):
             x = x[:, -1:, :]
         V = self.config.vocab_size
         if targets is not None and self.loss_chunk and torch.is_grad_enabled():  # training: no full logits
-            loss = linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), self.loss_chunk, V)
+            loss = linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), self.loss_chunk, V,
+                                        fp8=self.fp8_head)
             return None, loss
-        logits = self.lm_head(x)  # (B, T, padded_vocab_size): the padded width keeps the matmul aligned
+        # (B, T, padded_vocab_size): the padded width keeps the matmul aligned
+        logits = fp8_linear(x, self.lm_head.weight) if self.fp8_head and torch.is_grad_enabled() else self.lm_head(x)
         loss = None
         if targets is not None:
             scores = logits.view(B * T, -1)

@@ -24,14 +24,15 @@ import torch
 from tqdm import tqdm
 
 from slm.checkpoint import load_checkpoint, save_checkpoint
-from slm.config import Config, TrainingConfig, config_from_dict, save_config
+from slm.config import Config, TrainingConfig, config_from_dict, load_config, save_config
 from slm.data.loader import BatchLoader, Prefetcher, read_meta
 from slm.data.shards import prepare
 from slm.data.tokenizer import get_tokenizer, tokenizer_info
 from slm.device import attention_kernel, autocast, resolve_device, resolve_dtype
 from slm.errors import CheckpointError, ConfigError, TrainingDiverged
 from slm.model import GPT
-from slm.plan import gpu_peak_flops
+from slm.model.fp8 import fp8_supported, use_fp8
+from slm.plan import auto_micro_batch, gpu_peak_flops
 from slm.train.distributed import (DistributedContext, init_distributed, mean_across_ranks, set_gradient_sync,
                                    shutdown, wrap_model)
 from slm.train.logger import RunLogger
@@ -65,6 +66,10 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), None))
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 class Trainer:
     """Trains ``model`` on batches from ``train_loader``, evaluating on ``val_loader``.
 
@@ -89,6 +94,12 @@ class Trainer:
             self.train_loader = Prefetcher(train_loader, tc.gradient_accumulation_steps, tc.prefetch)
         self.tokenizer = tokenizer or {}
         self.progress = progress and self.ctx.is_main  # only rank 0 talks and writes
+        if tc.fp8 != "none":  # FP8 matmuls while training (fp8.py), where the GPU has them
+            if fp8_supported(self.device):
+                use_fp8(self.model, tc.fp8)
+            else:
+                self._say(f"note: training.fp8={tc.fp8} needs FP8 tensor cores (compute capability 8.9+: L4, L40, "
+                          f"H100, H200), which {_device_name(self.device)} lacks; training in {self.dtype} instead")
         self.run_dir = Path(tc.out_dir)
         self.logger = RunLogger(config, self.run_dir, enabled=self.ctx.is_main)
         self.forward = self.model  # what evaluation calls: the model, compiled on CUDA
@@ -328,6 +339,36 @@ class Trainer:
                 "best_val_loss": self.best_val_loss, "tokens_seen": self.tokens_seen}
 
 
+def _auto_batch_size(cfg: Config, dist: DistributedContext, resume_dir: Path | None, say: bool) -> None:
+    """``training.auto_batch_size``: set the micro-batch and accumulation steps (same effective batch).
+
+    A resumed run keeps the split it started with (it decides which rows each micro-step reads). With
+    several processes all take the smallest micro-batch any of them can hold.
+    """
+    tc = cfg.training
+    saved = resume_dir / "config.yaml" if resume_dir is not None else None
+    if saved is not None and saved.exists():
+        old = load_config(saved).training
+        if old.batch_size * old.gradient_accumulation_steps == tc.batch_size * tc.gradient_accumulation_steps:
+            tc.batch_size, tc.gradient_accumulation_steps = old.batch_size, old.gradient_accumulation_steps
+            return
+    split = auto_micro_batch(cfg, dist.device)
+    if dist.enabled:
+        fits = torch.tensor([split[0] if split else 0], device=dist.device)
+        torch.distributed.all_reduce(fits, op=torch.distributed.ReduceOp.MIN)
+        effective = tc.batch_size * tc.gradient_accumulation_steps
+        split = (int(fits.item()), effective // int(fits.item())) if fits.item() else None
+    if split is None:
+        if say:
+            tqdm.write(f"auto_batch_size: keeping micro-batch {tc.batch_size} (sizes are chosen on a GPU only, "
+                       f"and only when one sequence fits)")
+        return
+    if say and split != (tc.batch_size, tc.gradient_accumulation_steps):
+        tqdm.write(f"auto_batch_size: micro-batch {split[0]} x {split[1]} accumulation steps "
+                   f"(configured {tc.batch_size} x {tc.gradient_accumulation_steps}; the same effective batch)")
+    tc.batch_size, tc.gradient_accumulation_steps = split
+
+
 def run_training(cfg: Config, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
     """``slm train``: prepare the data if needed, build the model, train. Returns the final metrics.
 
@@ -359,6 +400,8 @@ def run_training(cfg: Config, resume: bool = False, progress: bool = True, stop_
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's tokenizer "
                               f"({meta['tokenizer']}, {meta['vocab_size']} tokens); set it to at least "
                               f"{meta['vocab_size']}")
+        if tc.auto_batch_size:
+            _auto_batch_size(cfg, dist, run_dir if resume else None, progress and dist.is_main)
         ctx, vocab = cfg.model.context_length, cfg.model.vocab_size
         train_loader = BatchLoader(data_dir, "train", tc.batch_size, ctx, dist.device, tc.seed, dist.rank, vocab,
                                    world_size=dist.world_size)

@@ -1,0 +1,107 @@
+"""FP8 training matmuls (training.fp8): close to the exact result, same parameters, errors for bad setups.
+
+The CPU runs torch._scaled_mm too, so the FP8 code path itself is checked here; its speed is measured on
+an H100 in benchmarks/RESULTS.md.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slm.config import load_config
+from slm.errors import ConfigError
+from slm.model import GPT, GPTConfig
+from slm.model.fp8 import FP8Linear, fp8_linear, use_fp8
+from slm.model.loss import linear_cross_entropy
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_fp8_linear_is_close_to_the_exact_matmuls():
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 64, requires_grad=True)
+    w = (torch.randn(48, 64) * 0.05).requires_grad_()
+    b = torch.randn(48, requires_grad=True)
+    ref = F.linear(x, w, b)
+    grad = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (x, w, b), grad)
+    out = fp8_linear(x, w, b)
+    grads = torch.autograd.grad(out, (x, w, b), grad)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert 0 < rel_err(out, ref) < 0.08  # e4m3 keeps 3 mantissa bits: a few percent, not exact
+    assert 0 < rel_err(grads[0], ref_grads[0]) < 0.1 and 0 < rel_err(grads[1], ref_grads[1]) < 0.1
+    torch.testing.assert_close(grads[2], ref_grads[2])  # the bias is added outside the FP8 matmul
+    # token counts that are not a multiple of 16 fall back to the exact matmul
+    odd = torch.randn(3, 5, 64)
+    torch.testing.assert_close(fp8_linear(odd, w, b), F.linear(odd, w, b))
+
+
+def test_fp8_fused_loss_is_close_to_the_exact_loss_and_gradients():
+    torch.manual_seed(1)
+    x = torch.randn(256, 64, requires_grad=True)
+    w = (torch.randn(512, 64) * 0.1).requires_grad_()
+    y = torch.randint(0, 500, (256,))
+    y[:7] = -1  # ignored positions
+    logits = (x @ w.t()).masked_fill(torch.arange(512) >= 500, float("-inf"))
+    ref = F.cross_entropy(logits, y, ignore_index=-1)
+    gx_ref, gw_ref = torch.autograd.grad(ref, (x, w))
+    loss = linear_cross_entropy(x, w, y, 64, vocab_size=500, fp8=True)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    assert loss.item() == pytest.approx(ref.item(), rel=5e-3) and loss.item() != ref.item()
+    assert rel_err(gx, gx_ref) < 0.06 and rel_err(gw, gw_ref) < 0.06
+    assert not gw[500:].any()  # padding rows still get no gradient
+    # shapes the FP8 kernels cannot take (chunk not a multiple of 16) run the exact path
+    exact = linear_cross_entropy(x, w, y, 50, vocab_size=500, fp8=True)
+    torch.testing.assert_close(exact, ref)
+
+
+def test_use_fp8_keeps_the_parameters_and_the_eval_path():
+    cfg = GPTConfig(vocab_size=100, context_length=16, n_layers=2, n_heads=2, d_model=32, d_ff=64, dropout=0.0,
+                    vocab_multiple=16)
+    torch.manual_seed(0)
+    plain = GPT(cfg)
+    fp8 = GPT(cfg)
+    fp8.load_state_dict(plain.state_dict())
+    assert use_fp8(fp8, "head") == 1 and fp8.fp8_head and not any(isinstance(m, FP8Linear) for m in fp8.modules())
+    assert use_fp8(fp8, "all") == 1 + 4 * cfg.n_layers  # the head, and qkv, proj, fc, proj in each block
+    assert fp8.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():  # evaluation and generation stay exact
+        torch.testing.assert_close(fp8(x, x)[1], plain(x, x)[1])
+    loss8, loss = fp8(x, x)[1], plain(x, x)[1]  # training: FP8, close
+    assert loss8.item() == pytest.approx(loss.item(), rel=2e-2) and loss8.item() != loss.item()
+    loss8.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fp8.parameters())
+    assert use_fp8(GPT(cfg), "none") == 0
+
+
+def test_fp8_config_values():
+    assert load_config("tiny", ["training.fp8=head"]).training.fp8 == "head"
+    assert load_config("tiny", ["training.fp8=off"]).training.fp8 == "none"  # YAML reads off as false
+    with pytest.raises(ConfigError, match="training.fp8: expected one of none, head, all"):
+        load_config("tiny", ["training.fp8=fast"])
+
+
+def test_fp8_on_a_gpu_without_fp8_tensor_cores_trains_in_bf16_with_a_note(sample_data, tmp_path, monkeypatch,
+                                                                          capsys):
+    from slm.train import run_training
+    from slm.train import trainer
+    from tests.conftest import small_config
+
+    monkeypatch.setattr(trainer, "fp8_supported", lambda device: False)
+    cfg = small_config(sample_data, tmp_path / "run", fp8="all", max_steps=2, warmup_steps=1)
+    run_training(cfg)
+    assert "note: training.fp8=all needs FP8 tensor cores" in capsys.readouterr().out
+
+
+def test_training_with_fp8_learns_like_bf16(sample_data, tmp_path):
+    from slm.train import run_training
+    from tests.conftest import small_config
+
+    steps = dict(max_steps=40, eval_every=40, checkpoint_every=100, log_every=10)
+    plain = run_training(small_config(sample_data, tmp_path / "a", **steps), progress=False)
+    fp8 = run_training(small_config(sample_data, tmp_path / "b", fp8="all", loss_chunk=256, **steps), progress=False)
+    assert fp8["val_loss"] < 0.8 * 8.32  # well below the uniform guess, ln(4096)
+    assert fp8["val_loss"] == pytest.approx(plain["val_loss"], rel=0.03)
