@@ -12,7 +12,8 @@ through its loader instead, to show the loader keeps up).
     python benchmarks/train_throughput.py --config gpt_124m --batch 32 --set training.attention=cudnn
 
 Every setting runs in its own process (fresh compile caches, its own memory). With --jobs N, N processes
-compile at once, but a lock lets only one use the GPU for its timed steps. Reported: tokens/s, ms/step,
+compile at once; then they are timed one at a time, each with the GPU and the CPU to itself (compiling
+runs autotuning kernels on the GPU and keeps the CPU busy, so no setting compiles while one is timed). Reported: tokens/s, ms/step,
 MFU = (6·N + 12·L·H·Q·T) · tokens/s / peak, with N = parameters without the position table (the same
 FLOPs/token for both sides) and peak = the bf16 matmul rate this script measures (8192³ products), and
 peak GPU memory.
@@ -40,6 +41,7 @@ from slm.config import load_config  # noqa: E402
 from slm.model import GPT  # noqa: E402
 
 LOCK = Path("/tmp/slm-bench-gpu.lock")
+STATE = Path("/tmp/slm-bench-state")  # phase markers of the worker processes (shared by concurrent runs)
 
 # (name, config, micro-batch): the settings nanoGPT was measured at in issue 5, plus larger micro-batches
 PRESETS = [
@@ -58,6 +60,7 @@ LEVERS = {
     "fused loss (loss_chunk)": "training.loss_chunk=0",
     "vocab padded to 64": "model.vocab_multiple=1",
     "fused AdamW": "training.fused_optimizer=false",
+    "FP8 output layer": "training.fp8=none",
 }
 
 
@@ -72,6 +75,34 @@ def gpu_lock():
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# Phases of the worker processes, as marker files "<phase>-<pid>" in the run's state folder:
+# "compiling" while a setting compiles, "queued" from then until its timed steps are done. A setting is
+# timed only when no other one is compiling, and none starts compiling while compiled ones wait.
+def others(state: Path, phase: str) -> bool:
+    """Whether another live process is in ``phase`` (markers of dead processes are cleared)."""
+    busy = False
+    for marker in state.glob(f"{phase}-*"):
+        pid = int(marker.name.rsplit("-", 1)[1])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            busy = True
+        except ProcessLookupError:
+            marker.unlink(missing_ok=True)
+    return busy
+
+
+def mark(state: Path, phase: str, on: bool = True) -> None:
+    marker = state / f"{phase}-{os.getpid()}"
+    marker.touch() if on else marker.unlink(missing_ok=True)
+
+
+def wait_while(state: Path, phase: str) -> None:
+    while others(state, phase):
+        time.sleep(0.2)
 
 
 class SyntheticBatches:
@@ -194,13 +225,26 @@ def profile(step, spec: dict) -> None:
 def run_worker(spec: dict) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    state = Path(spec["state"])
     exclusive = spec.get("exclusive", False)  # a retry after running out of memory next to other settings
+    if not exclusive:
+        mark(state, "compiling")
+        while others(state, "queued"):  # compiled settings are waiting to be timed: let them go first
+            mark(state, "compiling", False)
+            wait_while(state, "queued")
+            mark(state, "compiling")
     with gpu_lock() if exclusive else nullcontext():  # ... holds the GPU alone, compiling included
+        mark(state, "compiling")
         step, tokens_per_step = (nanogpt_stepper if spec["side"] == "nanoGPT" else slm_stepper)(spec)
         t0 = time.perf_counter()
-        step().item()  # compiles (outside the lock: other settings may be timed meanwhile)
+        step().item()  # compiles
         compile_s = time.perf_counter() - t0
+        if spec["device"].startswith("cuda"):
+            torch.cuda.empty_cache()  # hold only the model and optimizer while waiting for the GPU
+        mark(state, "queued")
+        mark(state, "compiling", False)
         with nullcontext() if exclusive else gpu_lock():
+            wait_while(state, "compiling")
             for _ in range(spec["warmup"]):
                 step()
             sync(spec["device"])
@@ -217,6 +261,7 @@ def run_worker(spec: dict) -> dict:
                 windows.append((time.perf_counter() - t) / spec["steps"])
             if spec.get("profile"):
                 profile(step, spec)
+            mark(state, "queued", False)
     dt = min(windows)
     return {"tokens_per_sec": tokens_per_step / dt, "ms_per_step": dt * 1000, "compile_s": compile_s,
             "spread": max(windows) / dt - 1, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
@@ -286,7 +331,8 @@ def main() -> None:
     presets = [(f"{args.config}", args.config, b) for b in args.batch] if args.config else PRESETS
     presets = [pr for pr in presets if not args.only or args.only in pr[0]]
     common = dict(steps=args.steps, warmup=args.warmup, data=args.data, nanogpt=args.nanogpt, device=args.device,
-                  profile=args.profile and str(Path(args.profile).resolve()))
+                  profile=args.profile and str(Path(args.profile).resolve()), state=str(STATE))
+    STATE.mkdir(exist_ok=True)
     specs = []
     for name, config, batch in presets:
         if args.nanogpt:
