@@ -50,4 +50,5 @@ def test_train_throughput_runs_both_sides_and_the_levers(tmp_path):
     for r in results:
         assert "error" not in r, r
         assert r["tokens_per_sec"] > 0 and r["ms_per_step"] > 0 and 0 < r["mfu"] and r["loss"] > 0
+        assert r["quiet"]  # timed only once no other setting was compiling
     assert "best slm" in proc.stdout and "vs best nanoGPT" in proc.stdout
