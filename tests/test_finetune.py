@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from slm.checkpoint import load_checkpoint
@@ -78,3 +80,20 @@ def test_gradient_checkpointing_same_loss_less_activation_memory():
     assert loss_a == loss_b
     torch.testing.assert_close(grad_a, grad_b)
     assert saved_b < saved_a / 2, (saved_a, saved_b)
+
+
+def test_finetune_with_fp8_and_auto_batch_size(trained_run, tmp_path, monkeypatch, capsys):
+    """The GPU configs' speed settings (FP8 matmuls, auto micro-batch) also hold for a LoRA fine-tune."""
+    from slm.model import fp8
+    from slm.train import trainer
+
+    run_dir, _, _ = trained_run
+    monkeypatch.setattr(trainer, "auto_micro_batch", lambda cfg, device: (8, 2))  # what a GPU would answer
+    switched = []
+    monkeypatch.setattr(trainer, "use_fp8", lambda model, which: switched.append(fp8.use_fp8(model, which)))
+    result = run_finetune(run_dir / "best.pt", "sample", tmp_path / "ft", lora_rank=4,
+                          overrides=["training.max_steps=4", "training.warmup_steps=1", "training.eval_every=4", "training.eval_batches=2",
+                                     "training.device=cpu", "training.auto_batch_size=true", "training.fp8=all"])
+    assert "auto_batch_size: micro-batch 8 x 2 accumulation steps (configured 16 x 1" in capsys.readouterr().out
+    assert switched == [1 + 4 * 2]  # the output layer and the frozen base Linear of each adapter, 4 per block
+    assert result["step"] == 4 and math.isfinite(result["val_loss"])
