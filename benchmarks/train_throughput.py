@@ -14,10 +14,10 @@ through its loader instead, to show the loader keeps up).
 Every setting runs in its own process (fresh compile caches, its own memory). With --jobs N, N processes
 compile at once; then they are timed one at a time, each with the GPU and the CPU to itself (compiling
 runs autotuning kernels on the GPU and keeps the CPU busy, so no setting compiles while one is timed; a
-setting waits at most --quiet-wait seconds for that, else its row says it was timed during a compile). Reported: tokens/s, ms/step,
-MFU = (6·N + 12·L·H·Q·T) · tokens/s / peak, with N = parameters without the position table (the same
-FLOPs/token for both sides) and peak = the bf16 matmul rate this script measures (8192³ products), and
-peak GPU memory.
+setting waits at most --quiet-wait seconds for that, else its row says it was timed during a compile).
+Reported: tokens/s, ms/step, MFU = (6·N + 12·L·H·Q·T) · tokens/s / peak, with N = parameters without the
+position table (the same FLOPs/token for both sides) and peak = the bf16 matmul rate this script measures
+(8192³ products), and peak GPU memory.
 """
 
 from __future__ import annotations
@@ -139,6 +139,13 @@ def disk_batches(batch: int, ctx: int, vocab: int, device, seed: int):
         meta = {"tokenizer": "gpt2", "vocab_size": vocab, "dtype": "uint16", "train_tokens": n, "val_tokens": n}
         (folder / "meta.json").write_text(json.dumps(meta))
     return BatchLoader(folder, "train", batch, ctx, device, seed, vocab_size=vocab)
+
+
+def lever_is_on(config: str, overrides: list[str], off: str) -> bool:
+    """Whether ``config`` (with ``overrides``) differs from the lever's ``off`` setting, e.g. training.fp8=none."""
+    section, name = off.split("=", 1)[0].split(".")
+    current, lever_off = (load_config(config, o).to_dict()[section][name] for o in (overrides, [*overrides, off]))
+    return current != lever_off
 
 
 def flops_per_token(config: str, overrides: list[str]) -> int:
@@ -355,6 +362,8 @@ def main() -> None:
                               overrides=[*args.set, *variant.split(",")], lever=""))
         if args.levers:
             for lever, off in LEVERS.items():
+                if not lever_is_on(config, args.set, off):
+                    continue  # this config does not use it: nothing to turn off
                 specs.append(dict(common, name=name, side="slm", config=config, batch=batch,
                                   overrides=[*args.set, off], lever=f"without {lever}"))
 

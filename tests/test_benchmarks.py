@@ -52,3 +52,16 @@ def test_train_throughput_runs_both_sides_and_the_levers(tmp_path):
         assert r["tokens_per_sec"] > 0 and r["ms_per_step"] > 0 and 0 < r["mfu"] and r["loss"] > 0
         assert r["quiet"]  # timed only once no other setting was compiling
     assert "best slm" in proc.stdout and "vs best nanoGPT" in proc.stdout
+
+
+def test_levers_list_only_what_the_config_turns_on():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    on = {c: [lever for lever, off in bench.LEVERS.items() if bench.lever_is_on(c, [], off)]
+          for c in ("seed30m", "gpt_124m")}
+    assert on["gpt_124m"] == [*on["seed30m"], "FP8 output layer"]  # seed30m trains in bf16
+    assert "fused loss (loss_chunk)" in on["seed30m"] and "attention kernel" not in on["seed30m"]
+    assert bench.lever_is_on("seed30m", ["training.attention=cudnn"], "training.attention=auto")

@@ -6,7 +6,7 @@ from slm.checkpoint import load_checkpoint
 from slm.cli import main
 from slm.generate import load_model
 from slm.model import GPT, GPTConfig
-from slm.model.lora import apply_lora, lora_state_dict, merge_lora
+from slm.model.lora import apply_lora, merge_lora
 from slm.train.finetune import run_finetune
 
 
@@ -37,9 +37,9 @@ def test_finetune_learns_new_text_and_saves_small_adapters(trained_run, tmp_path
     text.write_text("\n\n".join(f"the robot {name} beeped and danced with the moon number {i}."
                                 for i, name in enumerate(["zed", "quill", "ivo", "pax"] * 60)))
     out = tmp_path / "ft"
-    result = run_finetune(run_dir / "best.pt", str(text), out, lora_rank=4,
-                          overrides=["training.max_steps=60", "training.eval_every=30", "training.eval_batches=2",
-                                     "training.log_every=1", "training.device=cpu"], merge=True, progress=False)
+    run_finetune(run_dir / "best.pt", str(text), out, lora_rank=4,
+                 overrides=["training.max_steps=60", "training.eval_every=30", "training.eval_batches=2",
+                            "training.log_every=1", "training.device=cpu"], merge=True, progress=False)
     rows = [__import__("json").loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r["val/loss"] for r in rows if "val/loss" in r]
     train = [r["train/loss"] for r in rows if "train/loss" in r]

@@ -16,7 +16,6 @@ a measurement of the same model on the same GPU is known (MEASURED below, from b
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import torch
