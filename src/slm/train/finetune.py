@@ -21,7 +21,7 @@ from slm.errors import ConfigError, DataError
 from slm.model import GPT
 from slm.model.lora import DEFAULT_TARGETS, apply_lora, lora_state_dict, merge_lora
 from slm.train.distributed import DistributedContext
-from slm.train.trainer import Trainer, _auto_batch_size
+from slm.train.trainer import Trainer, apply_auto_batch_size
 
 FINETUNE_DEFAULTS = {"max_steps": 200, "warmup_steps": 10, "lr": 1e-3, "min_lr": 1e-4, "eval_every": 50,
                      "checkpoint_every": 50}
@@ -64,7 +64,7 @@ def run_finetune(checkpoint: str | Path, data: str, out_dir: str | Path, lora_ra
 
     device = resolve_device(tc.device)
     if tc.auto_batch_size:
-        _auto_batch_size(cfg, DistributedContext(device=device), None, progress)
+        apply_auto_batch_size(cfg, DistributedContext(device=device), None, progress)
     model = GPT(cfg.model)
     try:
         model.load_state_dict(base["model"])

@@ -339,7 +339,7 @@ class Trainer:
                 "best_val_loss": self.best_val_loss, "tokens_seen": self.tokens_seen}
 
 
-def _auto_batch_size(cfg: Config, dist: DistributedContext, resume_dir: Path | None, say: bool) -> None:
+def apply_auto_batch_size(cfg: Config, dist: DistributedContext, resume_dir: Path | None, say: bool) -> None:
     """``training.auto_batch_size``: set the micro-batch and accumulation steps (same effective batch).
 
     A resumed run keeps the split it started with (it decides which rows each micro-step reads). With
@@ -401,7 +401,7 @@ def run_training(cfg: Config, resume: bool = False, progress: bool = True, stop_
                               f"({meta['tokenizer']}, {meta['vocab_size']} tokens); set it to at least "
                               f"{meta['vocab_size']}")
         if tc.auto_batch_size:
-            _auto_batch_size(cfg, dist, run_dir if resume else None, progress and dist.is_main)
+            apply_auto_batch_size(cfg, dist, run_dir if resume else None, progress and dist.is_main)
         ctx, vocab = cfg.model.context_length, cfg.model.vocab_size
         train_loader = BatchLoader(data_dir, "train", tc.batch_size, ctx, dist.device, tc.seed, dist.rank, vocab,
                                    world_size=dist.world_size)
