@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from slm.errors import ConfigError
 from slm.model.fp8 import fp8_linear
-from slm.model.loss import linear_cross_entropy
+from slm.model.loss import linear_cross_entropy, mask_padding
 
 
 @dataclass
@@ -220,10 +220,7 @@ class GPT(nn.Module):
         logits = fp8_linear(x, self.lm_head.weight) if self.fp8_head and torch.is_grad_enabled() else self.lm_head(x)
         loss = None
         if targets is not None:
-            scores = logits.view(B * T, -1)
-            if self.config.padded_vocab_size != V:  # padding ids are never predicted (masked, not sliced: no copy)
-                padding = torch.arange(scores.size(1), device=scores.device) >= V
-                scores = scores.masked_fill(padding, float("-inf"))
+            scores = mask_padding(logits.view(B * T, -1), V)  # padding ids are never predicted
             # autocast runs cross_entropy in float32; outside it the logits already are float32
             loss = F.cross_entropy(scores, targets.reshape(-1), ignore_index=-1)
         return logits[..., :V], loss

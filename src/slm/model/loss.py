@@ -66,11 +66,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
 GRAD_SCALE = 2.0**15  # FP8 head: the gradient (softmax - one-hot, within [-1, 1]) times this fills e5m2's range
 
 
+def mask_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``logits`` with the padding columns (ids >= vocab_size, from ``vocab_multiple``) at -inf, so no
+    probability goes to them; masked, not sliced off, which would copy the logits and unalign the width."""
+    if vocab_size >= logits.size(-1):
+        return logits
+    return logits.masked_fill(torch.arange(logits.size(-1), device=logits.device) >= vocab_size, float("-inf"))
+
+
 def _chunk_grad(logits, yc, vocab, vocab_size, acc):
     """(d(chunk's summed loss)/d(logits) in float32: softmax - one-hot, 0 on ignored rows; the summed loss)."""
-    logits = logits.to(acc)  # (chunk, V)
-    if vocab_size < logits.size(1):
-        logits = logits.masked_fill(vocab[None, :] >= vocab_size, float("-inf"))
+    logits = mask_padding(logits.to(acc), vocab_size)  # (chunk, V)
     logp = torch.log_softmax(logits, dim=1)
     valid = yc >= 0
     loss = -torch.where(valid, logp.gather(1, yc.clamp(min=0)[:, None]).squeeze(1), 0.0).sum()
