@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from slm.config import load_config  # noqa: E402
 from slm.model import GPT  # noqa: E402
+from slm.plan import meta_model  # noqa: E402
 
 LOCK = Path("/tmp/slm-bench-gpu.lock")
 STATE = Path("/tmp/slm-bench-state")  # phase markers of the worker processes (shared by concurrent runs)
@@ -151,8 +152,7 @@ def lever_is_on(config: str, overrides: list[str], off: str) -> bool:
 def flops_per_token(config: str, overrides: list[str]) -> int:
     cfg = load_config(config, overrides)
     cfg.model.vocab_size = cfg.model.vocab_size or 50257
-    with torch.device("meta"):
-        return GPT(cfg.model).flops_per_token()
+    return meta_model(cfg.model).flops_per_token()
 
 
 def slm_stepper(spec: dict):
@@ -239,20 +239,19 @@ def run_worker(spec: dict) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     state = Path(spec["state"])
+    cuda = spec["device"].startswith("cuda")
     exclusive = spec.get("exclusive", False)  # a retry after running out of memory next to other settings
-    if not exclusive:
+    with gpu_lock() if exclusive else nullcontext():  # ... holds the GPU alone, compiling included
         mark(state, "compiling")
-        while others(state, "queued"):  # compiled settings are waiting to be timed: let them go first
+        while not exclusive and others(state, "queued"):  # compiled settings wait to be timed: let them go first
             mark(state, "compiling", False)
             wait_while(state, "queued")
             mark(state, "compiling")
-    with gpu_lock() if exclusive else nullcontext():  # ... holds the GPU alone, compiling included
-        mark(state, "compiling")
         step, tokens_per_step = (nanogpt_stepper if spec["side"] == "nanoGPT" else slm_stepper)(spec)
         t0 = time.perf_counter()
         step().item()  # compiles
         compile_s = time.perf_counter() - t0
-        if spec["device"].startswith("cuda"):
+        if cuda:
             torch.cuda.empty_cache()  # hold only the model and optimizer while waiting for the GPU
         mark(state, "queued")
         mark(state, "compiling", False)
@@ -262,7 +261,6 @@ def run_worker(spec: dict) -> dict:
             for _ in range(spec["warmup"]):
                 step()
             sync(spec["device"])
-            cuda = spec["device"].startswith("cuda")
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             windows = []

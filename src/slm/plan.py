@@ -151,6 +151,12 @@ def memory_estimate(model: GPTConfig, n_params: int, micro_batch: int, loss_chun
             "total": state + bf16_weights + activations}
 
 
+def meta_model(model: GPTConfig) -> GPT:
+    """The GPT built on the "meta" device: shapes only, so counting a 1B model costs no memory."""
+    with torch.device("meta"):
+        return GPT(model)
+
+
 def fit_micro_batch(model: GPTConfig, n_params: int, effective: int, loss_chunk: int, memory: float) -> int:
     """The largest micro-batch that divides ``effective`` (sequences per step) and whose ``memory_estimate``
     fits in ``memory`` bytes; 0 when not even one sequence fits."""
@@ -171,8 +177,7 @@ def auto_micro_batch(cfg: Config, device: torch.device) -> tuple[int, int] | Non
     """
     if device.type != "cuda":
         return None
-    with torch.device("meta"):
-        n_params = GPT(cfg.model).count_parameters()
+    n_params = meta_model(cfg.model).count_parameters()
     free, _ = torch.cuda.mem_get_info(device)
     effective = cfg.training.batch_size * cfg.training.gradient_accumulation_steps
     m = fit_micro_batch(cfg.model, n_params, effective, cfg.training.loss_chunk, 0.9 * free / 1.5)
@@ -214,8 +219,7 @@ def plan(config: str | Path | Config, gpu: str = "H100", tokens: int | None = No
         raise ConfigError(f"price: expected a number >= 0 (US$ per GPU-hour), got {price!r}")
 
     model_cfg = _model_config(cfg)
-    with torch.device("meta"):  # shapes only: a 1B model costs no memory here
-        model = GPT(model_cfg)
+    model = meta_model(model_cfg)
     n_params = model.count_parameters()
     n_flops_params = model.count_parameters(non_embedding=True)  # without the position table
     per_token = model.flops_per_token()  # 6 N + 12 L H Q T
