@@ -13,6 +13,7 @@ from slm.errors import ConfigError
 from slm.model import GPT, GPTConfig
 from slm.model.fp8 import FP8Linear, fp8_linear, use_fp8
 from slm.model.loss import linear_cross_entropy
+from slm.model.softmax_grad import softmax_grad_fp8
 
 
 def rel_err(a, b):
@@ -55,6 +56,30 @@ def test_fp8_fused_loss_is_close_to_the_exact_loss_and_gradients():
     # shapes the FP8 kernels cannot take (chunk not a multiple of 16) run the exact path
     exact = linear_cross_entropy(x, w, y, 50, vocab_size=500, fp8=True)
     torch.testing.assert_close(exact, ref)
+
+
+def softmax_grad_case(device):
+    torch.manual_seed(2)
+    logits = (torch.randn(96, 320, device=device) * 3).to(torch.bfloat16)  # 300 real tokens + 20 padding
+    y = torch.randint(0, 300, (96,), device=device)
+    y[5] = -1  # an ignored row
+    loss = F.cross_entropy(logits.float()[:, :300], y, ignore_index=-1, reduction="none")
+    exact = (torch.softmax(logits.float()[:, :300], 1) - F.one_hot(y.clamp(min=0), 300).float())
+    exact = F.pad(exact * (y >= 0).float()[:, None], (0, 20)) * 2.0**15
+    return logits, y, loss, exact
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the Triton kernel needs a GPU"))])
+def test_softmax_grad_fp8_writes_the_gradient_and_its_transpose(device):
+    logits, y, exact_loss, exact = softmax_grad_case(device)
+    loss, g, g_t = softmax_grad_fp8(logits, y, 300, 2.0**15)
+    torch.testing.assert_close(loss, exact_loss)
+    assert g.dtype == g_t.dtype == torch.float8_e5m2 and g.shape == (96, 320) and g_t.shape == (320, 96)
+    assert g_t.is_contiguous() and torch.equal(g_t.float(), g.float().t())
+    assert rel_err(g.float(), exact) < 0.1  # e5m2 keeps 2 mantissa bits
+    assert not g[5].float().any() and not g[:, 300:].float().any()  # ignored row, padding columns
+    assert (g.float()[torch.arange(96), y.clamp(min=0)][y >= 0] < 0).all()  # p - 1 at every target
 
 
 def test_use_fp8_keeps_the_parameters_and_the_eval_path():

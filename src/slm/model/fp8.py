@@ -11,8 +11,8 @@ weights, optimizer state and everything outside the matmuls stay as they were.
     training.fp8: all    the output layer and every Linear layer of the blocks
 
 It pays where the matmuls are large enough to outweigh the casts and transposes around them: on an H100
-the output layer of GPT-2 124M gains 3-4% of the step; at d_model 384, or in the blocks of a 124M model,
-FP8 is slower (benchmarks/RESULTS.md).
+the output layer gains 11% of the step at 30M and 6.5% at 124M (its gradient written in both layouts by
+softmax_grad.py's kernels); in the blocks of these models FP8 is slower (benchmarks/RESULTS.md).
 
 FP8 is used while training only; evaluation, generation and export run the same weights in bf16.
 ``torch._scaled_mm`` wants its first operand row-major and its second column-major (both with the

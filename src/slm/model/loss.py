@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from slm.model.fp8 import E4M3, E5M2, col_major, compute_dtype, scaled_mm, to_fp8
+from slm.model.fp8 import E4M3, col_major, compute_dtype, scaled_mm, to_fp8
+from slm.model.softmax_grad import softmax_grad_fp8
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -33,6 +34,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=acc, device=x.device)
         vocab = torch.arange(weight.size(0), device=x.device)
         if fp8:  # the three matmuls in FP8 (fp8.py); the softmax-minus-one-hot gradient, in [-1, 1], as e5m2
+            # written row-major for grad_x and transposed for grad_w in one pass (softmax_grad.py)
             x8, x_inv = to_fp8(x, E4M3)
             w8, w_inv = to_fp8(weight, E4M3)
             w8_cols, x8_t = col_major(w8), x8.t().contiguous()
@@ -48,11 +50,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w += (g.t() @ xc).to(acc)
             else:
                 logits = scaled_mm(x8[start:end], x_inv, w8.t(), w_inv, x.dtype)
-                g, chunk_loss = _chunk_grad(logits, yc, vocab, vocab_size, acc)
-                g8 = (g * GRAD_SCALE).to(E5M2)
+                row_loss, g8, g8_t = softmax_grad_fp8(logits, yc, vocab_size, GRAD_SCALE)  # G and G.T
+                chunk_loss = row_loss.sum()
                 grad_x[start:end] = scaled_mm(g8, g_inv, w8_cols, w_inv, x.dtype)
                 if want_w:
-                    grad_w += scaled_mm(g8.t().contiguous(), g_inv, x8_t[:, start:end].t(), x_inv, acc)
+                    grad_w += scaled_mm(g8_t, g_inv, x8_t[:, start:end].t(), x_inv, acc)
             loss = loss + chunk_loss
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if want_w else torch.zeros(()))
         return loss / n_valid

@@ -1,0 +1,113 @@
+"""The FP8 output layer's loss gradient, written in the two layouts its two matmuls need (``training.fp8``).
+
+The cross-entropy gradient with respect to the logits is softmax minus one-hot. With the output layer in
+FP8 (see fp8.py and loss.py), that gradient feeds two FP8 matmuls: ``grad_x = G @ W`` wants G row-major
+(tokens x vocabulary) and ``grad_w = G.T @ x`` wants G.T row-major (vocabulary x tokens), because FP8
+tensor cores only take operands whose reduced dimension is contiguous. Writing G and then copying it
+transposed costs a full extra read and write of a (tokens x vocabulary) tensor; left to torch.compile, the
+transposed copy is fused into the softmax kernel as strided stores, which made it 1.6x slower (measured on
+an H100: 1.89 ms instead of 1.2 ms per 8,192 x 50,304 chunk).
+
+``softmax_grad_fp8`` does the loss and G in two reads of the logits, with two Triton kernels: the first
+computes each row's log-sum-exp (running max and sum in one pass) and loss; the second walks over tiles of
+(rows x vocabulary columns), reads each tile of logits once and stores its G as it is and transposed (the
+transpose happens in on-chip memory, so both stores are contiguous). On an H100: 0.35 + 0.87 ms per chunk,
+and the FP8 output layer went from 4% slower than bf16 to 11% faster at 30M. Without a GPU (or without
+Triton) the same numbers come from plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slm.model.fp8 import E5M2
+
+try:  # Triton ships with the CUDA builds of PyTorch
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only builds
+    triton = None
+
+
+@torch.library.custom_op("slm::softmax_grad_fp8", mutates_args=())
+def softmax_grad_fp8(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each row of ``logits`` and its gradient, in the two layouts the FP8 matmuls need.
+
+    logits: (M, V); targets: (M,) ids, < 0 = ignored row; columns from ``vocab_size`` on are padding.
+    Returns (loss, G, G.T): loss (M,) float32 (0 on ignored rows); G = (softmax - one-hot) * scale as
+    float8_e5m2, (M, V), 0 on ignored rows and padding columns; G.T the same values, (V, M), contiguous.
+    A custom operator, so torch.compile calls it as it is (its kernels are tuned once, on the first call).
+    """
+    if triton is None or not logits.is_cuda:
+        return _softmax_grad_torch(logits, targets, vocab_size, scale)
+    logits = logits.contiguous()
+    m, v = logits.shape
+    loss, g, g_t = _outputs(logits)
+    lse = torch.empty(m, dtype=torch.float32, device=logits.device)
+    _lse_kernel[(m,)](logits, targets, lse, loss, v, vocab_size)
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(v, meta["BN"]))  # noqa: E731
+    _grad_kernel[grid](logits, lse, targets, g, g_t, m, v, vocab_size, scale)
+    return loss, g, g_t
+
+
+@softmax_grad_fp8.register_fake
+def _outputs(logits, *args):
+    m, v = logits.shape
+    return (logits.new_empty(m, dtype=torch.float32), logits.new_empty((m, v), dtype=E5M2),
+            logits.new_empty((v, m), dtype=E5M2))
+
+
+def _softmax_grad_torch(logits, targets, vocab_size, scale):
+    """The same in plain PyTorch (CPUs, and the reference the tests hold the kernels to)."""
+    cols = torch.arange(logits.size(1), device=logits.device)
+    logits = logits.float().masked_fill(cols >= vocab_size, float("-inf"))
+    lse = logits.logsumexp(1)
+    valid = targets >= 0
+    loss = torch.where(valid, lse - logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    g = (torch.exp(logits - lse[:, None]) - (cols == targets[:, None]).float()) * (valid.float() * scale)[:, None]
+    return loss, g.to(E5M2), g.t().contiguous().to(E5M2)
+
+
+if triton is not None:
+    @triton.autotune(configs=[triton.Config({"BN": bn}, num_warps=w) for bn in (1024, 2048, 4096) for w in (4, 8)],
+                     key=["V"])
+    @triton.jit
+    def _lse_kernel(logits_ptr, targets_ptr, lse_ptr, loss_ptr, V, vocab_size, BN: tl.constexpr):
+        """One row per program, one pass: the running max and the sum of exp relative to it, per lane."""
+        row = tl.program_id(0).to(tl.int64)
+        x_ptr = logits_ptr + row * V
+        big_max = tl.full([BN], -1e30, tl.float32)  # finite, so untouched lanes give exp(0) * 0 below
+        total = tl.zeros([BN], tl.float32)
+        for start in range(0, vocab_size, BN):
+            cols = start + tl.arange(0, BN)
+            x = tl.load(x_ptr + cols, mask=cols < vocab_size, other=-1e30).to(tl.float32)
+            new_max = tl.maximum(big_max, x)
+            total = total * tl.exp(big_max - new_max) + tl.where(cols < vocab_size, tl.exp(x - new_max), 0.0)
+            big_max = new_max
+        row_max = tl.max(big_max, 0)
+        lse = row_max + tl.log(tl.sum(total * tl.exp(big_max - row_max), 0))
+        target = tl.load(targets_ptr + row)
+        target_logit = tl.load(x_ptr + tl.maximum(target, 0)).to(tl.float32)
+        tl.store(lse_ptr + row, lse)
+        tl.store(loss_ptr + row, tl.where(target >= 0, lse - target_logit, 0.0))
+
+    @triton.autotune(configs=[triton.Config({"BM": bm, "BN": bn}, num_warps=w) for bm, bn, w in
+                              ((128, 128, 8), (64, 256, 8), (128, 64, 4), (64, 128, 4), (256, 64, 8), (256, 128, 8),
+                               (32, 512, 8), (128, 128, 4))],
+                     key=["M", "V"])
+    @triton.jit
+    def _grad_kernel(logits_ptr, lse_ptr, targets_ptr, g_ptr, g_t_ptr, M, V, vocab_size, scale,
+                     BM: tl.constexpr, BN: tl.constexpr):
+        """A (BM x BN) tile of G per program, stored as it is and transposed (through on-chip memory)."""
+        rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+        cols = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
+        inside = (rows[:, None] < M) & (cols[None, :] < V)
+        target = tl.load(targets_ptr + rows, mask=rows < M, other=-1)
+        lse = tl.load(lse_ptr + rows, mask=rows < M, other=0.0)
+        x = tl.load(logits_ptr + rows[:, None] * V + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        p = tl.where(cols[None, :] < vocab_size, tl.exp(x - lse[:, None]), 0.0)
+        g = p - (cols[None, :] == target[:, None]).to(tl.float32)
+        g = tl.where(target[:, None] >= 0, g * scale, 0.0).to(g_ptr.dtype.element_ty)
+        tl.store(g_ptr + rows[:, None] * V + cols[None, :], g, mask=inside)
+        tl.store(g_t_ptr + cols[:, None] * M + rows[None, :], tl.trans(g), mask=tl.trans(inside))
