@@ -66,3 +66,16 @@ def test_levers_list_only_what_the_config_turns_on():
     assert not bench.lever_is_on("seed30m", ["training.fp8=none"], bench.LEVERS["FP8 output layer"])
     assert "fused loss (loss_chunk)" in on["seed30m"] and "attention kernel" not in on["seed30m"]
     assert bench.lever_is_on("seed30m", ["training.attention=cudnn"], "training.attention=auto")
+
+
+def test_loss_benchmark_runs_and_checks_both_paths_against_the_exact_loss():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("loss_throughput", ROOT / "benchmarks" / "loss_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bf16 = bench.measure(64, 32, 500, 32, False, "cpu", 1)
+    fp8 = bench.measure(64, 32, 500, 32, True, "cpu", 1)
+    assert bf16["ms"] > 0 and fp8["ms"] > 0
+    assert bf16["err_x"] < 0.01 and bf16["err_w"] < 0.01  # bf16 inputs, exact float32 softmax
+    assert 0.01 < fp8["err_x"] < 0.06 and 0.01 < fp8["err_w"] < 0.06  # FP8: a few percent, and not exact
