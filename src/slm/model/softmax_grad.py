@@ -41,7 +41,7 @@ def softmax_grad_fp8(logits: torch.Tensor, targets: torch.Tensor, vocab_size: in
     """
     if triton is None or not logits.is_cuda:
         return _softmax_grad_torch(logits, targets, vocab_size, scale)
-    logits = logits.contiguous()
+    logits, targets = logits.contiguous(), targets.contiguous()
     m, v = logits.shape
     loss, g, g_t = _outputs(logits)
     lse = torch.empty(m, dtype=torch.float32, device=logits.device)
