@@ -89,6 +89,7 @@ def test_finetune_with_fp8_and_auto_batch_size(trained_run, tmp_path, monkeypatc
 
     run_dir, _, _ = trained_run
     monkeypatch.setattr(trainer, "auto_micro_batch", lambda cfg, device: (8, 2))  # what a GPU would answer
+    monkeypatch.setattr(trainer, "fp8_supported", lambda device: True)  # and an H100
     switched = []
     monkeypatch.setattr(trainer, "use_fp8", lambda model, which: switched.append(fp8.use_fp8(model, which)))
     result = run_finetune(run_dir / "best.pt", "sample", tmp_path / "ft", lora_rank=4,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from slm.config import load_config
 from slm.errors import ConfigError
 from slm.model import GPT, GPTConfig
-from slm.model.fp8 import FP8Linear, fp8_linear, use_fp8
+from slm.model.fp8 import FP8Linear, fp8_linear, fp8_supported, use_fp8
 from slm.model.loss import linear_cross_entropy
 from slm.model.softmax_grad import softmax_grad_fp8
 
@@ -121,12 +121,27 @@ def test_fp8_on_a_gpu_without_fp8_tensor_cores_trains_in_bf16_with_a_note(sample
     assert "note: training.fp8=all needs FP8 tensor cores" in capsys.readouterr().out
 
 
-def test_training_with_fp8_learns_like_bf16(sample_data, tmp_path):
+def test_fp8_is_not_applied_on_a_cpu(sample_data, tmp_path, capsys):
     from slm.train import run_training
     from tests.conftest import small_config
 
+    assert not fp8_supported(torch.device("cpu"))  # CPUs run _scaled_mm slower than float32 matmuls
+    run_training(small_config(sample_data, tmp_path / "run", fp8="head", max_steps=2, warmup_steps=1))
+    assert "note: training.fp8=head needs FP8 tensor cores" in capsys.readouterr().out
+
+
+def test_training_with_fp8_learns_like_bf16(sample_data, tmp_path, monkeypatch):
+    from slm.model import fp8 as fp8_module
+    from slm.train import run_training
+    from slm.train import trainer
+    from tests.conftest import small_config
+
+    monkeypatch.setattr(trainer, "fp8_supported", lambda device: True)  # the FP8 path, run on the CPU
+    switched = []
+    monkeypatch.setattr(trainer, "use_fp8", lambda model, which: switched.append(fp8_module.use_fp8(model, which)))
     steps = dict(max_steps=40, eval_every=40, checkpoint_every=100, log_every=10)
     plain = run_training(small_config(sample_data, tmp_path / "a", **steps), progress=False)
     fp8 = run_training(small_config(sample_data, tmp_path / "b", fp8="all", loss_chunk=256, **steps), progress=False)
     assert fp8["val_loss"] < 0.8 * 8.32  # well below the uniform guess, ln(4096)
     assert fp8["val_loss"] == pytest.approx(plain["val_loss"], rel=0.03)
+    assert switched and switched[0] > 1  # the output layer and the blocks' Linears did train in FP8
