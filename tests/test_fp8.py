@@ -73,7 +73,7 @@ def softmax_grad_case(device):
     not torch.cuda.is_available(), reason="the Triton kernel needs a GPU"))])
 def test_softmax_grad_fp8_writes_the_gradient_and_its_transpose(device):
     logits, y, exact_loss, exact = softmax_grad_case(device)
-    loss, g, g_t = softmax_grad_fp8(logits, y, 300, 2.0**15)
+    g, g_t, loss = softmax_grad_fp8(logits, y, 300, 2.0**15)
     torch.testing.assert_close(loss, exact_loss)
     assert g.dtype == g_t.dtype == torch.float8_e5m2 and g.shape == (96, 320) and g_t.shape == (320, 96)
     assert g_t.is_contiguous() and torch.equal(g_t.float(), g.float().t())

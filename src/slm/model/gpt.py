@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from slm.errors import ConfigError
 from slm.model.fp8 import fp8_linear
-from slm.model.loss import linear_cross_entropy, mask_padding
+from slm.model.loss import linear_cross_entropy
+from slm.model.softmax_grad import mask_padding
 
 
 @dataclass

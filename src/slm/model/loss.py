@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from slm.model.fp8 import E4M3, col_major, compute_dtype, scaled_mm, to_fp8
-from slm.model.softmax_grad import softmax_grad_fp8
+from slm.model.softmax_grad import softmax_grad, softmax_grad_fp8
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -32,7 +32,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_w = ctx.needs_input_grad[1]  # False when the output layer is frozen (LoRA fine-tuning)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
         loss = torch.zeros((), dtype=acc, device=x.device)
-        vocab = torch.arange(weight.size(0), device=x.device)
         if fp8:  # the three matmuls in FP8 (fp8.py); the softmax-minus-one-hot gradient, in [-1, 1], as e5m2
             # written row-major for grad_x and transposed for grad_w in one pass (softmax_grad.py)
             x8, x_inv = to_fp8(x, E4M3)
@@ -43,19 +42,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             end = min(start + chunk, x.size(0))
             xc, yc = x[start:end], targets[start:end]
             if not fp8:
-                g, chunk_loss = _chunk_grad(xc @ weight.t(), yc, vocab, vocab_size, acc)
+                g, row_loss = softmax_grad(xc @ weight.t(), yc, vocab_size)
                 g = (g / n_valid).to(x.dtype)
                 grad_x[start:end] = g @ weight
                 if want_w:
                     grad_w += (g.t() @ xc).to(acc)
             else:
                 logits = scaled_mm(x8[start:end], x_inv, w8.t(), w_inv, x.dtype)
-                row_loss, g8, g8_t = softmax_grad_fp8(logits, yc, vocab_size, GRAD_SCALE)  # G and G.T
-                chunk_loss = row_loss.sum()
+                g8, g8_t, row_loss = softmax_grad_fp8(logits, yc, vocab_size, GRAD_SCALE)  # G and G.T
                 grad_x[start:end] = scaled_mm(g8, g_inv, w8_cols, w_inv, x.dtype)
                 if want_w:
                     grad_w += scaled_mm(g8_t, g_inv, x8_t[:, start:end].t(), x_inv, acc)
-            loss = loss + chunk_loss
+            loss = loss + row_loss.sum()
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if want_w else torch.zeros(()))
         return loss / n_valid
 
@@ -66,23 +64,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 GRAD_SCALE = 2.0**15  # FP8 head: the gradient (softmax - one-hot, within [-1, 1]) times this fills e5m2's range
-
-
-def mask_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """``logits`` with the padding columns (ids >= vocab_size, from ``vocab_multiple``) at -inf, so no
-    probability goes to them; masked, not sliced off, which would copy the logits and unalign the width."""
-    if vocab_size >= logits.size(-1):
-        return logits
-    return logits.masked_fill(torch.arange(logits.size(-1), device=logits.device) >= vocab_size, float("-inf"))
-
-
-def _chunk_grad(logits, yc, vocab, vocab_size, acc):
-    """(d(chunk's summed loss)/d(logits) in float32: softmax - one-hot, 0 on ignored rows; the summed loss)."""
-    logits = mask_padding(logits.to(acc), vocab_size)  # (chunk, V)
-    logp = torch.log_softmax(logits, dim=1)
-    valid = yc >= 0
-    loss = -torch.where(valid, logp.gather(1, yc.clamp(min=0)[:, None]).squeeze(1), 0.0).sum()
-    return (logp.exp() - (vocab[None, :] == yc[:, None]).to(acc)) * valid.to(acc)[:, None], loss
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 8192,

@@ -1,19 +1,22 @@
-"""The FP8 output layer's loss gradient, written in the two layouts its two matmuls need (``training.fp8``).
+"""The cross-entropy's gradient with respect to the logits, softmax minus one-hot, for the fused loss (loss.py).
 
-The cross-entropy gradient with respect to the logits is softmax minus one-hot. With the output layer in
-FP8 (see fp8.py and loss.py), that gradient feeds two FP8 matmuls: ``grad_x = G @ W`` wants G row-major
-(tokens x vocabulary) and ``grad_w = G.T @ x`` wants G.T row-major (vocabulary x tokens), because FP8
-tensor cores only take operands whose reduced dimension is contiguous. Writing G and then copying it
-transposed costs a full extra read and write of a (tokens x vocabulary) tensor; left to torch.compile, the
-transposed copy is fused into the softmax kernel as strided stores, which made it 1.6x slower (measured on
-an H100: 1.89 ms instead of 1.2 ms per 8,192 x 50,304 chunk).
+``softmax_grad`` is the PyTorch form, which torch.compile turns into one fused kernel per chunk of tokens
+(the bf16 output layer). ``softmax_grad_fp8`` is the same for the FP8 output layer (``training.fp8``),
+written in the two layouts its two matmuls need, by Triton kernels.
+
+With the output layer in FP8 (see fp8.py and loss.py), the gradient G feeds two FP8 matmuls:
+``grad_x = G @ W`` wants G row-major (tokens x vocabulary) and ``grad_w = G.T @ x`` wants G.T row-major
+(vocabulary x tokens), because FP8 tensor cores only take operands whose reduced dimension is contiguous.
+Writing G and then copying it transposed costs a full extra read and write of a (tokens x vocabulary)
+tensor; left to torch.compile, the transposed copy is fused into the softmax kernel as strided stores,
+which made it 1.6x slower (measured on an H100: 1.89 ms instead of 1.2 ms per 8,192 x 50,304 chunk).
 
 ``softmax_grad_fp8`` does the loss and G in two reads of the logits, with two Triton kernels: the first
 computes each row's log-sum-exp (running max and sum in one pass) and loss; the second walks over tiles of
 (rows x vocabulary columns), reads each tile of logits once and stores its G as it is and transposed (the
 transpose happens in on-chip memory, so both stores are contiguous). On an H100: 0.35 + 0.87 ms per chunk,
 and the FP8 output layer went from 4% slower than bf16 to 11% faster at 30M. Without a GPU (or without
-Triton) the same numbers come from plain PyTorch.
+Triton) ``softmax_grad`` computes them.
 """
 
 from __future__ import annotations
@@ -29,44 +32,57 @@ except ImportError:  # CPU-only builds
     triton = None
 
 
+def mask_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``logits`` with the padding columns (ids >= vocab_size, from ``vocab_multiple``) at -inf, so no
+    probability goes to them; masked, not sliced off, which would copy the logits and unalign the width."""
+    if vocab_size >= logits.size(-1):
+        return logits
+    return logits.masked_fill(torch.arange(logits.size(-1), device=logits.device) >= vocab_size, float("-inf"))
+
+
+def softmax_grad(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(logits) - one_hot(targets), each row's cross-entropy), in float32 (or float64 for float64).
+
+    logits: (M, V), columns from ``vocab_size`` on are padding (their gradient is 0); targets: (M,) ids,
+    < 0 = ignored row (its gradient and loss are 0).
+    """
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    logp = torch.log_softmax(mask_padding(logits.to(acc), vocab_size), dim=1)
+    valid = targets >= 0
+    loss = -torch.where(valid, logp.gather(1, targets.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    one_hot = torch.arange(logits.size(1), device=logits.device)[None, :] == targets[:, None]
+    return (logp.exp() - one_hot.to(acc)) * valid.to(acc)[:, None], loss
+
+
 @torch.library.custom_op("slm::softmax_grad_fp8", mutates_args=())
 def softmax_grad_fp8(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy of each row of ``logits`` and its gradient, in the two layouts the FP8 matmuls need.
 
     logits: (M, V); targets: (M,) ids, < 0 = ignored row; columns from ``vocab_size`` on are padding.
-    Returns (loss, G, G.T): loss (M,) float32 (0 on ignored rows); G = (softmax - one-hot) * scale as
-    float8_e5m2, (M, V), 0 on ignored rows and padding columns; G.T the same values, (V, M), contiguous.
+    Returns (G, G.T, loss): G = (softmax - one-hot) * scale as float8_e5m2, (M, V), 0 on ignored rows and
+    padding columns; G.T the same values, (V, M), contiguous; loss (M,) float32 (0 on ignored rows).
     A custom operator, so torch.compile calls it as it is (its kernels are tuned once, on the first call).
     """
     if triton is None or not logits.is_cuda:
-        return _softmax_grad_torch(logits, targets, vocab_size, scale)
+        g, loss = softmax_grad(logits, targets, vocab_size)
+        g = g * scale
+        return g.to(E5M2), g.t().contiguous().to(E5M2), loss
     logits, targets = logits.contiguous(), targets.contiguous()
     m, v = logits.shape
-    loss, g, g_t = _outputs(logits)
+    g, g_t, loss = _outputs(logits)
     lse = torch.empty(m, dtype=torch.float32, device=logits.device)
     _lse_kernel[(m,)](logits, targets, lse, loss, v, vocab_size)
     grid = lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(v, meta["BN"]))  # noqa: E731
     _grad_kernel[grid](logits, lse, targets, g, g_t, m, v, vocab_size, scale)
-    return loss, g, g_t
+    return g, g_t, loss
 
 
 @softmax_grad_fp8.register_fake
 def _outputs(logits, *args):
     m, v = logits.shape
-    return (logits.new_empty(m, dtype=torch.float32), logits.new_empty((m, v), dtype=E5M2),
-            logits.new_empty((v, m), dtype=E5M2))
-
-
-def _softmax_grad_torch(logits, targets, vocab_size, scale):
-    """The same in plain PyTorch (CPUs, and the reference the tests hold the kernels to)."""
-    cols = torch.arange(logits.size(1), device=logits.device)
-    logits = logits.float().masked_fill(cols >= vocab_size, float("-inf"))
-    lse = logits.logsumexp(1)
-    valid = targets >= 0
-    loss = torch.where(valid, lse - logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1), 0.0)
-    g = (torch.exp(logits - lse[:, None]) - (cols == targets[:, None]).float()) * (valid.float() * scale)[:, None]
-    return loss, g.to(E5M2), g.t().contiguous().to(E5M2)
+    return (logits.new_empty((m, v), dtype=E5M2), logits.new_empty((v, m), dtype=E5M2),
+            logits.new_empty(m, dtype=torch.float32))
 
 
 if triton is not None:
