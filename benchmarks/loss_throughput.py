@@ -23,12 +23,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from slm.model import GPTConfig  # noqa: E402
 from slm.model.loss import linear_cross_entropy  # noqa: E402
 
 
 def measure(tokens: int, d: int, vocab: int, chunk: int, fp8: bool, device: str, repeats: int) -> dict:
     torch.manual_seed(0)
-    padded = -(-vocab // 64) * 64
+    padded = GPTConfig(vocab_size=vocab, vocab_multiple=64).padded_vocab_size  # as the shipped configs pad
     x = torch.randn(tokens, d, device=device).to(torch.bfloat16)
     w = (torch.randn(padded, d, device=device) * 0.02).to(torch.bfloat16)
     y = torch.randint(0, vocab, (tokens,), device=device)
