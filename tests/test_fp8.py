@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from slm.config import load_config
 from slm.errors import ConfigError
 from slm.model import GPT, GPTConfig
-from slm.model.fp8 import FP8Linear, fp8_linear, fp8_supported, use_fp8
+from slm.model.fp8 import E4M3, FP8Linear, fp8_linear, fp8_supported, to_fp8, use_fp8
 from slm.model.loss import linear_cross_entropy
-from slm.model.softmax_grad import softmax_grad_fp8
+from slm.model.softmax_grad import linear_softmax_grad_fp8, softmax_grad_fp8
 
 
 def rel_err(a, b):
@@ -39,7 +39,15 @@ def test_fp8_linear_is_close_to_the_exact_matmuls():
     torch.testing.assert_close(fp8_linear(odd, w, b), F.linear(odd, w, b))
 
 
-def test_fp8_fused_loss_is_close_to_the_exact_loss_and_gradients():
+@pytest.mark.parametrize("recompute", [True, False], ids=["logits-in-kernel", "logits-stored"])
+def test_fp8_fused_loss_is_close_to_the_exact_loss_and_gradients(recompute, monkeypatch):
+    from slm.model import loss as loss_module
+
+    used = []
+    for name in ("linear_softmax_grad_fp8", "softmax_grad_fp8"):
+        op = getattr(loss_module, name)
+        monkeypatch.setattr(loss_module, name, lambda *a, op=op, name=name: used.append(name) or op(*a))
+    monkeypatch.setattr(loss_module, "RECOMPUTE_MAX_D", 512 if recompute else 0)
     torch.manual_seed(1)
     x = torch.randn(256, 64, requires_grad=True)
     w = (torch.randn(512, 64) * 0.1).requires_grad_()
@@ -53,6 +61,7 @@ def test_fp8_fused_loss_is_close_to_the_exact_loss_and_gradients():
     assert loss.item() == pytest.approx(ref.item(), rel=5e-3) and loss.item() != ref.item()
     assert rel_err(gx, gx_ref) < 0.06 and rel_err(gw, gw_ref) < 0.06
     assert not gw[500:].any()  # padding rows still get no gradient
+    assert set(used) == {"linear_softmax_grad_fp8" if recompute else "softmax_grad_fp8"}
     # shapes the FP8 kernels cannot take (chunk not a multiple of 16) run the exact path
     exact = linear_cross_entropy(x, w, y, 50, vocab_size=500, fp8=True)
     torch.testing.assert_close(exact, ref)
@@ -80,6 +89,27 @@ def test_softmax_grad_fp8_writes_the_gradient_and_its_transpose(device):
     assert rel_err(g.float(), exact) < 0.1  # e5m2 keeps 2 mantissa bits
     assert not g[5].float().any() and not g[:, 300:].float().any()  # ignored row, padding columns
     assert (g.float()[torch.arange(96), y.clamp(min=0)][y >= 0] < 0).all()  # p - 1 at every target
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the Triton kernels need a GPU"))])
+def test_linear_softmax_grad_fp8_computes_the_logits_itself(device):
+    torch.manual_seed(3)
+    x8, x_inv = to_fp8(torch.randn(200, 64, device=device), E4M3)  # 200 rows: not a multiple of the tiles
+    w8, w_inv = to_fp8(torch.randn(320, 64, device=device) * 0.4, E4M3)  # 300 real tokens + 20 padding
+    y = torch.randint(0, 300, (200,), device=device)
+    y[5] = -1  # an ignored row
+    logits = ((x8.double() * x_inv) @ (w8.double() * w_inv).t()).float()  # what the FP8 tensor cores compute
+    exact_loss = F.cross_entropy(logits[:, :300], y, ignore_index=-1, reduction="none")
+    exact = (torch.softmax(logits[:, :300], 1) - F.one_hot(y.clamp(min=0), 300).float())
+    exact = F.pad(exact * (y >= 0).float()[:, None], (0, 20)) * 2.0**15
+    g, g_t, loss = linear_softmax_grad_fp8(x8, x_inv, w8, w_inv, y, 300, 2.0**15)
+    torch.testing.assert_close(loss, exact_loss, rtol=1e-3, atol=1e-3)  # tensor cores: sums of < 24 bits
+    assert g.dtype == g_t.dtype == torch.float8_e5m2 and g.shape == (200, 320) and g_t.shape == (320, 200)
+    assert g_t.is_contiguous() and torch.equal(g_t.float(), g.float().t())
+    assert rel_err(g.float(), exact) < 0.1  # e5m2 keeps 2 mantissa bits
+    assert not g[5].float().any() and not g[:, 300:].float().any()  # ignored row, padding columns
+    assert (g.float()[torch.arange(200), y.clamp(min=0)][y >= 0] < 0).all()  # p - 1 at every target
 
 
 def test_use_fp8_keeps_the_parameters_and_the_eval_path():

@@ -17,9 +17,21 @@ computes each row's log-sum-exp (running max and sum in one pass) and loss; the 
 transpose happens in on-chip memory, so both stores are contiguous). On an H100: 0.35 + 0.87 ms per chunk,
 and the FP8 output layer went from 4% slower than bf16 to 11% faster at 30M. Without a GPU (or without
 Triton) ``softmax_grad`` computes them.
+
+``linear_softmax_grad_fp8`` goes one step further for small models: it takes the FP8 hidden states and
+weight instead of the logits and computes each tile of logits itself on the tensor cores, twice (once for
+the log-sum-exp, once for G), so the logits are never written to memory nor read back. With d_model 384
+that is cheaper than storing them (per 8,192 x 50,304 chunk on an H100: 1.35 ms against 1.56 ms for
+cuBLAS's logits + the two kernels above); with d_model 768 the matmuls cost more than the memory they save
+(1.97 against 1.78 ms, measured with an earlier form of the gradient kernel), so loss.py uses it only up to
+``RECOMPUTE_MAX_D``. Its gradient kernel writes the
+row-major tile of G, then reads it back and stores it transposed: storing a transposed copy of values taken
+straight from the matmul's accumulator came out wrong with Triton 3.6 (see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -80,9 +92,59 @@ def softmax_grad_fp8(logits: torch.Tensor, targets: torch.Tensor, vocab_size: in
 
 @softmax_grad_fp8.register_fake
 def _outputs(logits, *args):
-    m, v = logits.shape
-    return (logits.new_empty((m, v), dtype=E5M2), logits.new_empty((v, m), dtype=E5M2),
-            logits.new_empty(m, dtype=torch.float32))
+    return _empty_outputs(logits, *logits.shape)
+
+
+def _empty_outputs(like: torch.Tensor, m: int, v: int):
+    """(G, G.T, loss) for m rows and v vocabulary columns, uninitialised."""
+    return (like.new_empty((m, v), dtype=E5M2), like.new_empty((v, m), dtype=E5M2),
+            like.new_empty(m, dtype=torch.float32))
+
+
+_PART_BN = 128  # vocabulary columns per tile of linear_softmax_grad_fp8's first kernel
+_CHECKED: dict[tuple[int, int, int], bool] = {}  # (M, V, K) -> its G.T came out as G transposed
+
+
+@torch.library.custom_op("slm::linear_softmax_grad_fp8", mutates_args=())
+def linear_softmax_grad_fp8(x8: torch.Tensor, x_inv: torch.Tensor, w8: torch.Tensor, w_inv: torch.Tensor,
+                            targets: torch.Tensor, vocab_size: int,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``softmax_grad_fp8`` of the logits ``(x8 * x_inv) @ (w8 * w_inv).T``, computed here and never stored.
+
+    x8: (M, K) and w8: (V, K), float8_e4m3fn, with their inverse scales (0-d float32 tensors); K must be a
+    multiple of 32 (the FP8 tensor cores' smallest step). Returns (G, G.T, loss) as ``softmax_grad_fp8``.
+    """
+    if triton is None or not x8.is_cuda:
+        logits = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=torch.float32)
+        return softmax_grad_fp8(logits, targets, vocab_size, scale)
+    x8, w8, targets = x8.contiguous(), w8.contiguous(), targets.contiguous()
+    (m, k), v = x8.shape, w8.size(0)
+    bk = next(b for b in (128, 64, 32) if k % b == 0)
+    g, g_t, loss = _empty_outputs(x8, m, v)
+    parts = triton.cdiv(v, _PART_BN)  # one partial max and sum per row and per tile of _PART_BN columns
+    part_max = torch.empty((m, parts), dtype=torch.float32, device=x8.device)
+    part_sum, target_logit, lse = torch.empty_like(part_max), torch.empty_like(loss), torch.empty_like(loss)
+    _lse_parts_kernel[lambda meta: (triton.cdiv(m, meta["BM"]), parts)](
+        x8, w8, x_inv, w_inv, targets, part_max, part_sum, target_logit, m, v, vocab_size, parts,
+        K=k, BK=bk, BN=_PART_BN)
+    _lse_from_parts_kernel[(triton.cdiv(m, 16),)](part_max, part_sum, target_logit, targets, lse, loss, m, parts,
+                                                  BM=16, BP=triton.next_power_of_2(parts))
+    _grad_from_x_kernel[lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(v, meta["BN"]))](
+        x8, w8, x_inv, w_inv, lse, targets, g, g_t, m, v, vocab_size, scale, K=k, BK=bk)
+    if (m, v, k) not in _CHECKED:  # once per shape: a compiler bug must not go on training with a wrong G.T
+        _CHECKED[(m, v, k)] = torch.equal(g_t.view(torch.uint8), g.view(torch.uint8).t())
+        if not _CHECKED[(m, v, k)]:
+            warnings.warn(f"slm: the FP8 loss kernel wrote a wrong transposed gradient for shape {(m, v, k)} "
+                          "(Triton compiler bug?); using the stored-logits kernels instead", RuntimeWarning)
+    if not _CHECKED[(m, v, k)]:
+        logits = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=torch.bfloat16)
+        return softmax_grad_fp8(logits, targets, vocab_size, scale)
+    return g, g_t, loss
+
+
+@linear_softmax_grad_fp8.register_fake
+def _linear_outputs(x8, x_inv, w8, *args):
+    return _empty_outputs(x8, x8.size(0), w8.size(0))
 
 
 if triton is not None:
@@ -127,3 +189,79 @@ if triton is not None:
         g = tl.where(target[:, None] >= 0, g * scale, 0.0).to(g_ptr.dtype.element_ty)
         tl.store(g_ptr + rows[:, None] * V + cols[None, :], g, mask=inside)
         tl.store(g_t_ptr + cols[:, None] * M + rows[None, :], tl.trans(g), mask=tl.trans(inside))
+
+    @triton.jit
+    def _logits(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, rows, cols, M, V, K: tl.constexpr, BK: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr):
+        """A (BM x BN) tile of the logits x @ W.T, in float32, from the FP8 tensor cores."""
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k in range(0, K, BK):
+            ks = k + tl.arange(0, BK)
+            a = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=rows[:, None] < M, other=0.0)
+            b = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=cols[:, None] < V, other=0.0)
+            acc = tl.dot(a, tl.trans(b), acc)
+        return acc * (tl.load(x_inv_ptr) * tl.load(w_inv_ptr))
+
+    @triton.autotune(configs=[triton.Config({"BM": bm}, num_warps=w, num_stages=s)
+                              for bm in (64, 128) for w in (4, 8) for s in (2, 3)], key=["M", "V", "K"])
+    @triton.jit
+    def _lse_parts_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, targets_ptr, part_max_ptr, part_sum_ptr,
+                          target_logit_ptr, M, V, vocab_size, n_parts, K: tl.constexpr, BK: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr):
+        """Per tile of logits: each row's max and sum of exp relative to it over the tile's columns, and
+        the target's logit where the tile holds it."""
+        rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+        cols = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
+        real = cols[None, :] < vocab_size
+        logits = tl.where(real, _logits(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, rows, cols, M, V, K, BK, BM, BN),
+                          -1e30)  # finite, so a tile of padding only gives exp(0) * 0 below
+        top = tl.max(logits, 1)
+        total = tl.sum(tl.where(real, tl.exp(logits - top[:, None]), 0.0), 1)
+        tl.store(part_max_ptr + rows * n_parts + tl.program_id(1), top, mask=rows < M)
+        tl.store(part_sum_ptr + rows * n_parts + tl.program_id(1), total, mask=rows < M)
+        target = tl.load(targets_ptr + rows, mask=rows < M, other=-1)
+        hit = cols[None, :] == target[:, None]
+        mine = (rows < M) & (target >= tl.program_id(1) * BN) & (target < tl.program_id(1) * BN + BN)
+        tl.store(target_logit_ptr + rows, tl.sum(tl.where(hit, logits, 0.0), 1), mask=mine)
+
+    @triton.jit
+    def _lse_from_parts_kernel(part_max_ptr, part_sum_ptr, target_logit_ptr, targets_ptr, lse_ptr, loss_ptr, M,
+                               n_parts, BM: tl.constexpr, BP: tl.constexpr):
+        """Each row's log-sum-exp from its tiles' partial results, and its loss."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        parts = tl.arange(0, BP)
+        inside = (rows[:, None] < M) & (parts[None, :] < n_parts)
+        offsets = rows[:, None].to(tl.int64) * n_parts + parts[None, :]
+        tops = tl.load(part_max_ptr + offsets, mask=inside, other=-1e30)
+        sums = tl.load(part_sum_ptr + offsets, mask=inside, other=0.0)
+        top = tl.max(tops, 1)
+        lse = top + tl.log(tl.sum(sums * tl.exp(tops - top[:, None]), 1))
+        target = tl.load(targets_ptr + rows, mask=rows < M, other=-1)
+        target_logit = tl.load(target_logit_ptr + rows, mask=(rows < M) & (target >= 0), other=0.0)
+        tl.store(lse_ptr + rows, lse, mask=rows < M)
+        tl.store(loss_ptr + rows, tl.where(target >= 0, lse - target_logit, 0.0), mask=rows < M)
+
+    @triton.autotune(configs=[triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in
+                              ((64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (256, 128, 8, 3),
+                               (64, 256, 8, 3))],
+                     key=["M", "V", "K"])
+    @triton.jit
+    def _grad_from_x_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, lse_ptr, targets_ptr, g_ptr, g_t_ptr, M, V,
+                            vocab_size, scale, K: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+                            BN: tl.constexpr):
+        """A (BM x BN) tile of G per program, from its logits computed again; stored as it is, then read
+        back (from the L2 cache) and stored transposed."""
+        rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+        cols = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
+        inside = (rows[:, None] < M) & (cols[None, :] < V)
+        target = tl.load(targets_ptr + rows, mask=rows < M, other=-1)
+        lse = tl.load(lse_ptr + rows, mask=rows < M, other=0.0)
+        logits = _logits(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, rows, cols, M, V, K, BK, BM, BN)
+        p = tl.where(cols[None, :] < vocab_size, tl.exp(logits - lse[:, None]), 0.0)
+        g = p - (cols[None, :] == target[:, None]).to(tl.float32)
+        g = tl.where(target[:, None] >= 0, g * scale, 0.0).to(g_ptr.dtype.element_ty)
+        tile = g_ptr + rows[:, None] * V + cols[None, :]
+        tl.store(tile, g, mask=inside)
+        tl.debug_barrier()  # the whole tile is written before any thread reads it back
+        back = tl.load(tile, mask=inside, other=0.0)
+        tl.store(g_t_ptr + cols[:, None] * M + rows[None, :], tl.trans(back), mask=tl.trans(inside))
