@@ -67,49 +67,53 @@ def test_fp8_fused_loss_is_close_to_the_exact_loss_and_gradients(recompute, monk
     torch.testing.assert_close(exact, ref)
 
 
-def softmax_grad_case(device):
-    torch.manual_seed(2)
-    logits = (torch.randn(96, 320, device=device) * 3).to(torch.bfloat16)  # 300 real tokens + 20 padding
-    y = torch.randint(0, 300, (96,), device=device)
-    y[5] = -1  # an ignored row
-    loss = F.cross_entropy(logits.float()[:, :300], y, ignore_index=-1, reduction="none")
-    exact = (torch.softmax(logits.float()[:, :300], 1) - F.one_hot(y.clamp(min=0), 300).float())
-    exact = F.pad(exact * (y >= 0).float()[:, None], (0, 20)) * 2.0**15
-    return logits, y, loss, exact
+def exact_gradient(logits, y, vocab=300):
+    """Each row's loss and (softmax - one-hot) * 2**15 (0 on ignored rows and padding columns), in float32."""
+    loss = F.cross_entropy(logits.float()[:, :vocab], y, ignore_index=-1, reduction="none")
+    g = (torch.softmax(logits.float()[:, :vocab], 1) - F.one_hot(y.clamp(min=0), vocab).float()) * (y >= 0)[:, None]
+    return loss, F.pad(g, (0, logits.size(1) - vocab)) * 2.0**15
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="the Triton kernel needs a GPU"))])
-def test_softmax_grad_fp8_writes_the_gradient_and_its_transpose(device):
-    logits, y, exact_loss, exact = softmax_grad_case(device)
-    g, g_t, loss = softmax_grad_fp8(logits, y, 300, 2.0**15)
-    torch.testing.assert_close(loss, exact_loss)
-    assert g.dtype == g_t.dtype == torch.float8_e5m2 and g.shape == (96, 320) and g_t.shape == (320, 96)
+def check_gradient(g, g_t, y, exact, vocab=300):
+    m, v = exact.shape
+    assert g.dtype == g_t.dtype == torch.float8_e5m2 and g.shape == (m, v) and g_t.shape == (v, m)
     assert g_t.is_contiguous() and torch.equal(g_t.float(), g.float().t())
     assert rel_err(g.float(), exact) < 0.1  # e5m2 keeps 2 mantissa bits
-    assert not g[5].float().any() and not g[:, 300:].float().any()  # ignored row, padding columns
-    assert (g.float()[torch.arange(96), y.clamp(min=0)][y >= 0] < 0).all()  # p - 1 at every target
+    assert not g[y < 0].float().any() and not g[:, vocab:].float().any()  # ignored rows, padding columns
+    assert (g.float()[torch.arange(m), y.clamp(min=0)][y >= 0] < 0).all()  # p - 1 at every target
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+def targets(m, device):
+    y = torch.randint(0, 300, (m,), device=device)  # 300 real tokens; the vocabulary is padded to 320
+    y[5] = -1  # an ignored row
+    return y
+
+
+on_both = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the Triton kernels need a GPU"))])
+
+
+@on_both
+def test_softmax_grad_fp8_writes_the_gradient_and_its_transpose(device):
+    torch.manual_seed(2)
+    logits = (torch.randn(96, 320, device=device) * 3).to(torch.bfloat16)
+    y = targets(96, device)
+    exact_loss, exact = exact_gradient(logits, y)
+    g, g_t, loss = softmax_grad_fp8(logits, y, 300, 2.0**15)
+    torch.testing.assert_close(loss, exact_loss)
+    check_gradient(g, g_t, y, exact)
+
+
+@on_both
 def test_linear_softmax_grad_fp8_computes_the_logits_itself(device):
     torch.manual_seed(3)
     x8, x_inv = to_fp8(torch.randn(200, 64, device=device), E4M3)  # 200 rows: not a multiple of the tiles
-    w8, w_inv = to_fp8(torch.randn(320, 64, device=device) * 0.4, E4M3)  # 300 real tokens + 20 padding
-    y = torch.randint(0, 300, (200,), device=device)
-    y[5] = -1  # an ignored row
-    logits = ((x8.double() * x_inv) @ (w8.double() * w_inv).t()).float()  # what the FP8 tensor cores compute
-    exact_loss = F.cross_entropy(logits[:, :300], y, ignore_index=-1, reduction="none")
-    exact = (torch.softmax(logits[:, :300], 1) - F.one_hot(y.clamp(min=0), 300).float())
-    exact = F.pad(exact * (y >= 0).float()[:, None], (0, 20)) * 2.0**15
+    w8, w_inv = to_fp8(torch.randn(320, 64, device=device) * 0.4, E4M3)
+    y = targets(200, device)
+    exact_loss, exact = exact_gradient((x8.double() * x_inv) @ (w8.double() * w_inv).t(), y)
     g, g_t, loss = linear_softmax_grad_fp8(x8, x_inv, w8, w_inv, y, 300, 2.0**15)
     torch.testing.assert_close(loss, exact_loss, rtol=1e-3, atol=1e-3)  # tensor cores: sums of < 24 bits
-    assert g.dtype == g_t.dtype == torch.float8_e5m2 and g.shape == (200, 320) and g_t.shape == (320, 200)
-    assert g_t.is_contiguous() and torch.equal(g_t.float(), g.float().t())
-    assert rel_err(g.float(), exact) < 0.1  # e5m2 keeps 2 mantissa bits
-    assert not g[5].float().any() and not g[:, 300:].float().any()  # ignored row, padding columns
-    assert (g.float()[torch.arange(200), y.clamp(min=0)][y >= 0] < 0).all()  # p - 1 at every target
+    check_gradient(g, g_t, y, exact)
 
 
 def test_use_fp8_keeps_the_parameters_and_the_eval_path():
