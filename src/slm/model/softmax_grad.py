@@ -24,9 +24,10 @@ the log-sum-exp, once for G), so the logits are never written to memory nor read
 that is cheaper than storing them (per 8,192 x 50,304 chunk on an H100: 1.35 ms against 1.56 ms for
 cuBLAS's logits + the two kernels above); with d_model 768 the matmuls cost more than the memory they save
 (1.97 against 1.78 ms, measured with an earlier form of the gradient kernel), so loss.py uses it only up to
-``RECOMPUTE_MAX_D``. Its gradient kernel writes the
-row-major tile of G, then reads it back and stores it transposed: storing a transposed copy of values taken
-straight from the matmul's accumulator came out wrong with Triton 3.6 (see benchmarks/RESULTS.md).
+``RECOMPUTE_MAX_D``. Its gradient kernel writes the row-major tile of G, then reads it back and stores it
+transposed: a transposed copy of values taken straight from the matmul's accumulator came out wrong with
+Triton 3.6 (benchmarks/RESULTS.md), so the op also checks G.T against G once per shape and, should they
+differ, warns and falls back to ``softmax_grad_fp8``.
 """
 
 from __future__ import annotations
@@ -114,11 +115,10 @@ def linear_softmax_grad_fp8(x8: torch.Tensor, x_inv: torch.Tensor, w8: torch.Ten
     x8: (M, K) and w8: (V, K), float8_e4m3fn, with their inverse scales (0-d float32 tensors); K must be a
     multiple of 32 (the FP8 tensor cores' smallest step). Returns (G, G.T, loss) as ``softmax_grad_fp8``.
     """
-    if triton is None or not x8.is_cuda:
-        logits = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=torch.float32)
-        return softmax_grad_fp8(logits, targets, vocab_size, scale)
-    x8, w8, targets = x8.contiguous(), w8.contiguous(), targets.contiguous()
     (m, k), v = x8.shape, w8.size(0)
+    if triton is None or not x8.is_cuda or _CHECKED.get((m, v, k)) is False:
+        return _from_stored_logits(x8, x_inv, w8, w_inv, targets, vocab_size, scale)
+    x8, w8, targets = x8.contiguous(), w8.contiguous(), targets.contiguous()
     bk = next(b for b in (128, 64, 32) if k % b == 0)
     g, g_t, loss = _empty_outputs(x8, m, v)
     parts = triton.cdiv(v, _PART_BN)  # one partial max and sum per row and per tile of _PART_BN columns
@@ -136,10 +136,16 @@ def linear_softmax_grad_fp8(x8: torch.Tensor, x_inv: torch.Tensor, w8: torch.Ten
         if not _CHECKED[(m, v, k)]:
             warnings.warn(f"slm: the FP8 loss kernel wrote a wrong transposed gradient for shape {(m, v, k)} "
                           "(Triton compiler bug?); using the stored-logits kernels instead", RuntimeWarning)
-    if not _CHECKED[(m, v, k)]:
-        logits = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=torch.bfloat16)
-        return softmax_grad_fp8(logits, targets, vocab_size, scale)
+            return _from_stored_logits(x8, x_inv, w8, w_inv, targets, vocab_size, scale)
     return g, g_t, loss
+
+
+def _from_stored_logits(x8, x_inv, w8, w_inv, targets, vocab_size, scale):
+    """The same from the logits, stored: in bf16 on GPUs (softmax_grad_fp8's kernels are verified with those),
+    float32 on CPUs (PyTorch)."""
+    dtype = torch.bfloat16 if x8.is_cuda else torch.float32
+    logits = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=dtype)
+    return softmax_grad_fp8(logits, targets, vocab_size, scale)
 
 
 @linear_softmax_grad_fp8.register_fake
