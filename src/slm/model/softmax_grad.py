@@ -176,6 +176,14 @@ if triton is not None:
         tl.store(lse_ptr + row, lse)
         tl.store(loss_ptr + row, tl.where(target >= 0, lse - target_logit, 0.0))
 
+    @triton.jit
+    def _g_tile(logits, lse, target, cols, vocab_size, scale):
+        """(softmax - one-hot) * scale of a tile of logits (float32), given its rows' log-sum-exp and targets:
+        0 in padding columns (>= vocab_size) and on ignored rows (target < 0)."""
+        p = tl.where(cols[None, :] < vocab_size, tl.exp(logits - lse[:, None]), 0.0)
+        g = p - (cols[None, :] == target[:, None]).to(tl.float32)
+        return tl.where(target[:, None] >= 0, g * scale, 0.0)
+
     @triton.autotune(configs=[triton.Config({"BM": bm, "BN": bn}, num_warps=w) for bm, bn, w in
                               ((128, 128, 8), (64, 256, 8), (128, 64, 4), (64, 128, 4), (256, 64, 8), (256, 128, 8),
                                (32, 512, 8), (128, 128, 4))],
@@ -190,9 +198,7 @@ if triton is not None:
         target = tl.load(targets_ptr + rows, mask=rows < M, other=-1)
         lse = tl.load(lse_ptr + rows, mask=rows < M, other=0.0)
         x = tl.load(logits_ptr + rows[:, None] * V + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-        p = tl.where(cols[None, :] < vocab_size, tl.exp(x - lse[:, None]), 0.0)
-        g = p - (cols[None, :] == target[:, None]).to(tl.float32)
-        g = tl.where(target[:, None] >= 0, g * scale, 0.0).to(g_ptr.dtype.element_ty)
+        g = _g_tile(x, lse, target, cols, vocab_size, scale).to(g_ptr.dtype.element_ty)
         tl.store(g_ptr + rows[:, None] * V + cols[None, :], g, mask=inside)
         tl.store(g_t_ptr + cols[:, None] * M + rows[None, :], tl.trans(g), mask=tl.trans(inside))
 
@@ -263,9 +269,7 @@ if triton is not None:
         target = tl.load(targets_ptr + rows, mask=rows < M, other=-1)
         lse = tl.load(lse_ptr + rows, mask=rows < M, other=0.0)
         logits = _logits(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, rows, cols, M, V, K, BK, BM, BN)
-        p = tl.where(cols[None, :] < vocab_size, tl.exp(logits - lse[:, None]), 0.0)
-        g = p - (cols[None, :] == target[:, None]).to(tl.float32)
-        g = tl.where(target[:, None] >= 0, g * scale, 0.0).to(g_ptr.dtype.element_ty)
+        g = _g_tile(logits, lse, target, cols, vocab_size, scale).to(g_ptr.dtype.element_ty)
         tile = g_ptr + rows[:, None] * V + cols[None, :]
         tl.store(tile, g, mask=inside)
         tl.debug_barrier()  # the whole tile is written before any thread reads it back
