@@ -37,9 +37,14 @@ def to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
 
 
 def scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
-              out_dtype: torch.dtype) -> torch.Tensor:
-    """(a * a_inv) @ (b * b_inv) from fp8 ``a`` (row-major) and ``b`` (column-major)."""
-    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype)
+              out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+    """(a * a_inv) @ (b * b_inv) from fp8 ``a`` (row-major) and ``b`` (column-major).
+
+    ``fast_accum``: let the tensor cores keep their own (lower-precision) running sums instead of adding
+    them into float32 every few steps; 6-15% faster on an H100 (benchmarks/RESULTS.md), at an error far
+    below the rounding of the fp8 inputs when the reduced dimension is short (torchao does the same for
+    forward matmuls)."""
+    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 def col_major(t: torch.Tensor) -> torch.Tensor:
@@ -55,7 +60,7 @@ class _FP8Linear(torch.autograd.Function):
         w8, w_inv = to_fp8(weight, E4M3)
         ctx.save_for_backward(x8, x_inv, w8, w_inv)
         ctx.weight_dtype = weight.dtype
-        return scaled_mm(x8, x_inv, w8.t(), w_inv, out_dtype)
+        return scaled_mm(x8, x_inv, w8.t(), w_inv, out_dtype, fast_accum=True)
 
     @staticmethod
     def backward(ctx, grad):

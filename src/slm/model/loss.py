@@ -54,11 +54,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                                                  GRAD_SCALE)
                 else:  # logits in bf16 whatever x's dtype: the kernels are verified on GPUs with bf16 logits
                     # (from float32 ones their transposed copy of G once came out wrong: benchmarks/RESULTS.md)
-                    logits = scaled_mm(x8[start:end], x_inv, w8.t(), w_inv, torch.bfloat16)
+                    logits = scaled_mm(x8[start:end], x_inv, w8.t(), w_inv, torch.bfloat16, fast_accum=True)
                     g8, g8_t, row_loss = softmax_grad_fp8(logits, yc, vocab_size, GRAD_SCALE)
-                grad_x[start:end] = scaled_mm(g8, g_inv, w8_cols, w_inv, x.dtype)
+                # fast accumulation here too: G's e5m2 rounding (2 mantissa bits) dwarfs its error
+                grad_x[start:end] = scaled_mm(g8, g_inv, w8_cols, w_inv, x.dtype, fast_accum=True)
                 if want_w:
-                    grad_w += scaled_mm(g8_t, g_inv, x8_t[:, start:end].t(), x_inv, acc)
+                    grad_w += scaled_mm(g8_t, g_inv, x8_t[:, start:end].t(), x_inv, acc, fast_accum=True)
             loss = loss + row_loss.sum()
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if want_w else torch.zeros(()))
         return loss / n_valid
