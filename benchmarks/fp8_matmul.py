@@ -14,10 +14,14 @@ training.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-from slm.model.fp8 import E4M3, E5M2, col_major, scaled_mm, to_fp8
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from slm.model.fp8 import E4M3, E5M2, col_major, scaled_mm, to_fp8  # noqa: E402
 
 
 def main() -> None:

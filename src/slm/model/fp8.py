@@ -3,7 +3,8 @@
 A Linear layer's three matmuls (forward, gradient of the input, gradient of the weight) run in 8-bit
 floats with one scale per tensor, computed from the tensor's absolute maximum at every call ("dynamic
 tensorwise scaling"): inputs and weights as e4m3 (more precision), gradients as e5m2 (more range). The
-tensor cores accumulate in float32; outputs come back in bf16 (the weight gradient in float32). Master
+tensor cores accumulate in float32 (with their fast accumulation, see ``scaled_mm``, in the forward matmuls
+and all of the output layer's); outputs come back in bf16 (the weight gradient in float32). Master
 weights, optimizer state and everything outside the matmuls stay as they were.
 
     training.fp8: none   every matmul in bf16 (the default)

@@ -36,7 +36,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # written row-major for grad_x and transposed for grad_w in one pass (softmax_grad.py)
             x8, x_inv = to_fp8(x, E4M3)
             w8, w_inv = to_fp8(weight, E4M3)
-            w8_cols, x8_t = col_major(w8), x8.t().contiguous()
+            w8_cols = col_major(w8)
+            x8_t = x8.t().contiguous() if want_w else None  # grad_w's operand, only when it is wanted
             g_inv = 1.0 / (GRAD_SCALE * n_valid.float())
             recompute = x.size(1) <= RECOMPUTE_MAX_D and x.size(1) % 32 == 0  # logits made inside the kernels
         for start in range(0, x.size(0), chunk):

@@ -36,7 +36,7 @@ import warnings
 
 import torch
 
-from slm.model.fp8 import E5M2
+from slm.model.fp8 import E5M2, scaled_mm
 
 try:  # Triton ships with the CUDA builds of PyTorch
     import triton
@@ -144,7 +144,7 @@ def _from_stored_logits(x8, x_inv, w8, w_inv, targets, vocab_size, scale):
     """The same from the logits, stored: in bf16 on GPUs (softmax_grad_fp8's kernels are verified with those),
     float32 on CPUs (PyTorch)."""
     dtype = torch.bfloat16 if x8.is_cuda else torch.float32
-    logits = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=dtype)
+    logits = scaled_mm(x8, x_inv, w8.t(), w_inv, dtype)
     return softmax_grad_fp8(logits, targets, vocab_size, scale)
 
 
