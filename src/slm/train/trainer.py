@@ -57,11 +57,14 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    """Restore ``_rng_state()``'s states, wherever the checkpoint was mapped (they must be CPU tensors) and
+    on however many GPUs this machine has (a run started on 8 GPUs may continue on 1)."""
+    torch.set_rng_state(state["torch"].cpu())
+    if torch.cuda.is_available():
+        for i, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), i)
     name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), *rest))
     *internal, version = state["python"]
     random.setstate((version, tuple(internal), None))
 
