@@ -115,8 +115,8 @@ def wait_while(state: Path, phase: str, limit: float = float("inf")) -> bool:
 class SyntheticBatches:
     """Random token windows made once on the GPU: the benchmark measures the model, not the disk."""
 
-    def __init__(self, batch: int, ctx: int, vocab: int, device, n: int = 8):
-        g = torch.Generator(device="cpu").manual_seed(0)
+    def __init__(self, batch: int, ctx: int, vocab: int, device, n: int = 8, seed: int = 0):
+        g = torch.Generator(device="cpu").manual_seed(seed)
         windows = [torch.randint(0, vocab, (batch, ctx + 1), generator=g) for _ in range(n)]
         self.data = [(w[:, :-1].contiguous().to(device), w[:, 1:].contiguous().to(device)) for w in windows]
 

@@ -79,3 +79,17 @@ def test_loss_benchmark_runs_and_checks_both_paths_against_the_exact_loss():
     assert bf16["ms"] > 0 and fp8["ms"] > 0
     assert bf16["err_x"] < 0.01 and bf16["err_w"] < 0.01  # bf16 inputs, exact float32 softmax
     assert 0.01 < fp8["err_x"] < 0.06 and 0.01 < fp8["err_w"] < 0.06  # FP8: a few percent, and not exact
+
+
+def test_scaling_runs_one_and_two_processes(tmp_path):
+    out = tmp_path / "scaling.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--device", "cpu", "--config", "tiny", "--gpus", "2",
+           "--batch", "2", "--set", "training.dtype=float32", "--set", "model.n_layers=1", "--steps", "2",
+           "--warmup", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert [(r["gpus"], r.get("error")) for r in results] == [(1, None), (2, None)]
+    one, two = results
+    assert two["tokens_per_step"] == 2 * one["tokens_per_step"] == 2 * 2 * 128  # micro-batch per process
+    assert one["efficiency"] == 1.0 and 0 < two["efficiency"] and one["loss"] > 0 and two["loss"] > 0
