@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 
 import pytest
 import torch
@@ -80,6 +81,7 @@ def test_wandb_online_without_key_falls_back_to_offline_and_keeps_its_id(tmp_pat
     drive(RunLogger(cfg, run_dir), steps=1)
     notice = [line for line in capsys.readouterr().err.splitlines() if "W&B API key" in line]
     assert len(notice) == 1 and "offline" in notice[0]
+    time.sleep(1.05)  # wandb names a run's folder by the second it starts: two in one second share a folder
     drive(RunLogger(cfg, run_dir), steps=1)  # resumed: the same W&B run
     runs = wandb_runs(run_dir)
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
