@@ -125,7 +125,8 @@ def test_speed_levers_keep_the_loss_curve_and_mfu_is_logged(sample_data, tmp_pat
     n = GPT(cfg.model).count_parameters(non_embedding=True)
     for step in mfu:  # MFU = (6N + 12LHQT) x tokens/s / peak
         assert mfu[step] == pytest.approx((6 * n + 12 * 2 * 2 * 32 * 64) * speed[step] / 1e10, rel=1e-2)
-    assert "MFU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "MFU" in err and "| val - |" in err and "nan" not in err  # no val loss before the first evaluation
 
 
 def test_auto_batch_size_picks_a_split_and_a_resume_keeps_it(sample_data, tmp_path, monkeypatch, capsys):

@@ -317,7 +317,8 @@ class Trainer:
                         record["train/mfu"] = round(self.mfu(tokens_per_sec), 4)
                         speed += f" | MFU {record['train/mfu']:.0%}"
                     self._log(record)
-                    bar.set_postfix_str(f"loss {train_loss:.3f} | val {val_loss:.3f} | lr {lr:.2e} | {speed}")
+                    val = "-" if math.isnan(val_loss) else f"{val_loss:.3f}"  # none until the first evaluation
+                    bar.set_postfix_str(f"loss {train_loss:.3f} | val {val} | lr {lr:.2e} | {speed}")
 
                 # evaluate; keep the best model
                 if self.step % tc.eval_every == 0 or last_step:
