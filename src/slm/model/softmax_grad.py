@@ -110,7 +110,7 @@ def _empty_outputs(like: torch.Tensor, m: int, v: int):
 
 
 _PART_BN = 128  # vocabulary columns per tile of linear_softmax_grad_fp8's first kernel
-_CHECKED: dict[tuple[int, int, int], bool] = {}  # (M, V, K) -> its G.T came out as G transposed
+_CHECKED: dict[tuple[int, int, int, bool], bool] = {}  # (M, V, K, TMA kernel?) -> its G.T came out as G.T
 
 
 @torch.library.custom_op("slm::linear_softmax_grad_fp8", mutates_args=())
@@ -123,9 +123,13 @@ def linear_softmax_grad_fp8(x8: torch.Tensor, x_inv: torch.Tensor, w8: torch.Ten
     multiple of 32 (the FP8 tensor cores' smallest step). Returns (G, G.T, loss) as ``softmax_grad_fp8``.
     """
     (m, k), v = x8.shape, w8.size(0)
-    if triton is None or not x8.is_cuda or _CHECKED.get((m, v, k)) is False:
+    if triton is None or not x8.is_cuda:
         return _from_stored_logits(x8, x_inv, w8, w_inv, targets, vocab_size, scale)
     x8, w8, targets = x8.contiguous(), w8.contiguous(), targets.contiguous()
+    tma = _tma_ok(x8, w8)  # which gradient kernel runs; each is checked on its own
+    key = (m, v, k, tma)
+    if _CHECKED.get(key) is False:
+        return _from_stored_logits(x8, x_inv, w8, w_inv, targets, vocab_size, scale)
     bk = next(b for b in (128, 64, 32) if k % b == 0)
     g, g_t, loss = _empty_outputs(x8, m, v)
     parts = triton.cdiv(v, _PART_BN)  # one partial max and sum per row and per tile of _PART_BN columns
@@ -136,14 +140,14 @@ def linear_softmax_grad_fp8(x8: torch.Tensor, x_inv: torch.Tensor, w8: torch.Ten
         K=k, BK=bk, BN=_PART_BN)
     _lse_from_parts_kernel[(triton.cdiv(m, 16),)](part_max, part_sum, target_logit, targets, lse, loss, m, parts,
                                                   BM=16, BP=triton.next_power_of_2(parts))
-    if _tma_ok(x8, w8):
+    if tma:
         _grad_from_x_tma(x8, w8, x_inv, w_inv, lse, targets, g, g_t, vocab_size, scale, bk)
     else:
         _grad_from_x_kernel[lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(v, meta["BN"]))](
             x8, w8, x_inv, w_inv, lse, targets, g, g_t, m, v, vocab_size, scale, K=k, BK=bk)
-    if (m, v, k) not in _CHECKED:  # once per shape: a compiler bug must not go on training with a wrong G.T
-        _CHECKED[(m, v, k)] = torch.equal(g_t.view(torch.uint8), g.view(torch.uint8).t())
-        if not _CHECKED[(m, v, k)]:
+    if key not in _CHECKED:  # once per shape: a compiler bug must not go on training with a wrong G.T
+        _CHECKED[key] = torch.equal(g_t.view(torch.uint8), g.view(torch.uint8).t())
+        if not _CHECKED[key]:
             warnings.warn(f"slm: the FP8 loss kernel wrote a wrong transposed gradient for shape {(m, v, k)} "
                           "(Triton compiler bug?); using the stored-logits kernels instead", RuntimeWarning)
             return _from_stored_logits(x8, x_inv, w8, w_inv, targets, vocab_size, scale)
