@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import ROOT, SyntheticBatches, flops_per_token, matmul_peak  # noqa: E402
+from train_throughput import ROOT, SyntheticBatches, flops_per_token, matmul_peak, sync, time_steps  # noqa: E402
 
 from slm.config import load_config  # noqa: E402  (train_throughput put src/ on the path)
 from slm.model import GPT  # noqa: E402
@@ -53,33 +53,22 @@ def worker(spec: dict) -> None:
                             seed=dist.rank)  # each rank its own tokens
     trainer = Trainer(model, data, data, cfg, dist.device, progress=False, ctx=dist)
     trainer.logger.enabled = False
-
-    def sync():
-        if dist.device.type == "cuda":
-            torch.cuda.synchronize(dist.device)
+    step = lambda: trainer.train_step()[0]  # noqa: E731
 
     t0 = time.perf_counter()
-    trainer.train_step()[0].item()  # compiles
+    step().item()  # compiles
     compile_s = time.perf_counter() - t0
     for _ in range(spec["warmup"]):
-        trainer.train_step()
-    sync()
+        step()
+    sync(spec["device"])  # this rank's GPU: init_distributed made it the current device
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dist.device)
-    windows = []
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(spec["steps"]):
-            loss = trainer.train_step()[0]
-        loss.item()
-        sync()
-        windows.append((time.perf_counter() - t) / spec["steps"])
-    dt = min(windows)
+    dt, spread, loss = time_steps(step, spec["steps"], spec["device"])
     if dist.is_main:
         peak_mem = torch.cuda.max_memory_allocated(dist.device) / 2**30 if dist.device.type == "cuda" else 0.0
         print("RESULT " + json.dumps({"tokens_per_sec": trainer.tokens_per_step / dt, "ms_per_step": dt * 1000,
                                       "tokens_per_step": trainer.tokens_per_step, "compile_s": compile_s,
-                                      "spread": max(windows) / dt - 1, "loss": loss.item(),
+                                      "spread": spread, "loss": loss.item(),
                                       "peak_mem_gib": peak_mem}), flush=True)
     shutdown(dist)
 

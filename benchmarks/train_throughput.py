@@ -220,6 +220,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def time_steps(step, steps: int, device: str) -> tuple[float, float, torch.Tensor]:
+    """Three timed windows of ``steps`` steps: (seconds per step in the best window, how much slower the
+    worst one was, the last loss). The best window is the least disturbed."""
+    windows = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        loss.item()
+        sync(device)
+        windows.append((time.perf_counter() - t) / steps)
+    return min(windows), max(windows) / min(windows) - 1, loss
+
+
 def profile(step, spec: dict) -> None:
     """Append the GPU time per kernel of 3 steps to the file spec["profile"] (where the step's time goes)."""
     from torch.profiler import ProfilerActivity
@@ -263,20 +277,12 @@ def run_worker(spec: dict) -> dict:
             sync(spec["device"])
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            windows = []
-            for _ in range(3):  # three timed windows; the best is the least disturbed
-                t = time.perf_counter()
-                for _ in range(spec["steps"]):
-                    loss = step()
-                loss.item()
-                sync(spec["device"])
-                windows.append((time.perf_counter() - t) / spec["steps"])
+            dt, spread, loss = time_steps(step, spec["steps"], spec["device"])
             if spec.get("profile"):
                 profile(step, spec)
             mark(state, "queued", False)
-    dt = min(windows)
     return {"tokens_per_sec": tokens_per_step / dt, "ms_per_step": dt * 1000, "compile_s": compile_s,
-            "spread": max(windows) / dt - 1, "quiet": quiet, "loss": loss.item(),
+            "spread": spread, "quiet": quiet, "loss": loss.item(),
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
 
 
