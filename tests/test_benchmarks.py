@@ -64,8 +64,8 @@ def test_levers_list_only_what_the_config_turns_on():
           for c in ("seed30m", "gpt_124m")}
     assert on["gpt_124m"] == on["seed30m"] and "FP8 output layer" in on["seed30m"]
     assert not bench.lever_is_on("seed30m", ["training.fp8=none"], bench.LEVERS["FP8 output layer"])
-    assert "fused loss (loss_chunk)" in on["seed30m"] and "attention kernel" not in on["seed30m"]
-    assert bench.lever_is_on("seed30m", ["training.attention=cudnn"], "training.attention=auto")
+    assert "fused loss (loss_chunk)" in on["seed30m"] and "short-context attention kernel" in on["seed30m"]
+    assert bench.lever_is_on("seed30m", ["training.attention=cudnn"], "training.attention=sdpa")
 
 
 def test_loss_benchmark_runs_and_checks_both_paths_against_the_exact_loss():

@@ -164,7 +164,7 @@ def test_linear_cross_entropy_under_bf16_autocast_is_close_to_the_plain_loss():
     assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("kernel", ["auto", "flash", "efficient", "math", "cudnn"])
+@pytest.mark.parametrize("kernel", ["auto", "sdpa", "flash", "efficient", "math", "cudnn"])
 def test_attention_kernel_choice_gives_the_same_output(kernel):
     from slm.device import attention_kernel
 

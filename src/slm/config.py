@@ -23,7 +23,7 @@ from slm.model import GPTConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")
+ATTENTION = ("auto", "sdpa", "flash", "cudnn", "efficient", "math")
 FP8 = ("none", "head", "all")
 
 
@@ -62,7 +62,7 @@ class TrainingConfig:
     device: str = "auto"  # auto = cuda if available, else mps, else cpu
     compile: bool = True  # torch.compile the model (skipped with a notice where it is unavailable)
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
-    attention: str = "auto"  # scaled_dot_product_attention kernel tried first: auto | flash | cudnn | efficient | math
+    attention: str = "auto"  # auto (slm's kernel to 128 tokens, else SDPA) | sdpa | flash | cudnn | efficient | math
     loss_chunk: int = 0  # > 0: fused output layer + cross-entropy, this many tokens at a time (no full logits; GPU)
     fp8: str = "none"  # FP8 matmuls on GPUs that have them (H100, L4, ...): none | head (output layer) | all
     fused_optimizer: bool = True  # fused AdamW kernels on CUDA (one launch for all parameters); false = foreach

@@ -46,19 +46,30 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
 def attention_kernel(name: str = "auto"):
-    """Context in which ``scaled_dot_product_attention`` tries kernel ``name`` first (auto: PyTorch's choice).
+    """Context in which attention runs kernel ``name`` first.
 
-    The other kernels stay as fallbacks, so a choice the inputs or the device do not support (cudnn on a
-    CPU, say) still runs.
+    auto: slm's short-context kernel where it applies (model/short_attention.py: a GPU, up to 128 tokens),
+    else PyTorch's choice of ``scaled_dot_product_attention`` kernel; sdpa: always PyTorch's choice;
+    flash, cudnn, efficient, math: that SDPA kernel first, the others staying as fallbacks, so a choice the
+    inputs or the device do not support (cudnn on a CPU, say) still runs.
     """
-    if name == "auto":
-        return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from slm.model import short_attention
 
     kernels = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    if name not in kernels:
-        raise ConfigError(f"training.attention: expected auto or one of {', '.join(kernels)}, got {name!r}")
-    order = [kernels[name]] + [k for k in kernels.values() if k != kernels[name]]
-    return sdpa_kernel(order, set_priority=True)
+    if name not in ("auto", "sdpa", *kernels):
+        raise ConfigError(f"training.attention: expected auto, sdpa or one of {', '.join(kernels)}, got {name!r}")
+    before, short_attention.enabled = short_attention.enabled, name == "auto"
+    try:
+        if name in kernels:
+            order = [kernels[name]] + [k for k in kernels.values() if k != kernels[name]]
+            with sdpa_kernel(order, set_priority=True):
+                yield
+        else:
+            yield
+    finally:
+        short_attention.enabled = before

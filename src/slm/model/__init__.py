@@ -1,4 +1,5 @@
-"""The model: ``GPT`` and its ``GPTConfig``. The attention code is in ``gpt.py``."""
+"""The model: ``GPT`` and its ``GPTConfig``. The attention code is in ``gpt.py`` (and its GPU kernel for
+contexts of up to 128 tokens in ``short_attention.py``)."""
 
 from slm.model.gpt import GPT, FeedForward, GPTConfig, KVCache, MultiHeadAttention, TransformerBlock
 

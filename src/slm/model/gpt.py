@@ -5,8 +5,10 @@
            -> final LayerNorm -> lm_head (weights tied to the token embedding) -> logits
 
 Attention goes through ``torch.nn.functional.scaled_dot_product_attention`` so PyTorch picks
-flash / memory-efficient kernels where it can. Generation uses a ``KVCache`` passed in by the
-caller, so one model can serve many requests at once without them touching each other's state.
+flash / memory-efficient kernels where it can; on a GPU, contexts of up to 128 tokens go through
+slm's own kernel instead (short_attention.py: one Triton program per sequence and head).
+Generation uses a ``KVCache`` passed in by the caller, so one model can serve many requests at once
+without them touching each other's state.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from slm.errors import ConfigError
+from slm.model import short_attention
 from slm.model.fp8 import fp8_linear
 from slm.model.loss import linear_cross_entropy
 from slm.model.softmax_grad import mask_padding
@@ -94,7 +97,11 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
+        qkv = self.qkv(x)
+        if cache is None and short_attention.supported(qkv, self.n_heads):  # short contexts on a GPU
+            y = short_attention.short_attention(qkv, self.n_heads, self.dropout if self.training else 0.0)
+            return self.resid_dropout(self.proj(y))
+        q, k, v = qkv.split(C, dim=2)
         # (B, T, C) -> (B, n_heads, T, head_dim)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
 
