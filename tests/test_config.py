@@ -33,7 +33,7 @@ def test_numbers_as_strings_and_overrides(tmp_path):
     ("training: 3\n", r"^training: expected a mapping"),
     ("training:\n  warmup_steps: 50\n  max_steps: 10\n", r"^training\.warmup_steps"),
     ("training:\n  compile_mode: fast\n", r"^training\.compile_mode: expected one of default, reduce-overhead"),
-    ("training:\n  attention: flash3\n", r"^training\.attention: expected one of auto, flash, cudnn"),
+    ("training:\n  attention: flash3\n", r"^training\.attention: expected one of auto, sdpa, flash, cudnn"),
     ("training:\n  loss_chunk: -1\n", r"^training\.loss_chunk: expected 0 \(off\)"),
     ("training:\n  prefetch: -2\n", r"^training\.prefetch: expected 0 \(off\)"),
     ("logging:\n  peak_tflops: -5\n", r"^logging\.peak_tflops: expected a number >= 0"),
