@@ -165,7 +165,7 @@ if triton is not None:
         second to both; the block of first-half queries and second-half keys is all masked and skipped."""
         BQ: tl.constexpr = BT // 2
         pid = tl.program_id(0)
-        b, h = pid // H, pid % H
+        b, h = (pid // H).to(tl.int64), pid % H  # 64-bit offsets: B x T x 3C may pass 2**31
         k0 = _load(qkv_ptr + C, b, h, T, 3 * C, 0, HD, BQ)
         v0 = _load(qkv_ptr + 2 * C, b, h, T, 3 * C, 0, HD, BQ)
         rows = tl.arange(0, BQ)
@@ -219,7 +219,7 @@ if triton is not None:
         complete: (first queries, first keys), (second queries, first keys), (second queries, second keys)."""
         BQ: tl.constexpr = BT // 2
         pid = tl.program_id(0)
-        b, h = pid // H, pid % H
+        b, h = (pid // H).to(tl.int64), pid % H  # 64-bit offsets: B x T x 3C may pass 2**31
         rows = tl.arange(0, BQ)
         k0 = _load(qkv_ptr + C, b, h, T, 3 * C, 0, HD, BQ)
         v0 = _load(qkv_ptr + 2 * C, b, h, T, 3 * C, 0, HD, BQ)
