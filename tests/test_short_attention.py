@@ -1,7 +1,13 @@
 """slm's short-context attention kernel (model/short_attention.py) against PyTorch's attention.
 
-The kernels are Triton, so these tests need a GPU; on a CPU they check that the model falls back to
-scaled_dot_product_attention."""
+The kernels are Triton: they run on a GPU, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1,
+which must be set before the kernels are defined, so test_kernels_under_the_triton_interpreter runs this
+file again in a process of its own). The interpreter has no bfloat16 matmul: there float32 stands in."""
+
+import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +16,11 @@ from slm.device import attention_kernel
 from slm.model import GPT, GPTConfig, short_attention
 from slm.model.short_attention import _forward
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need a GPU")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LOW = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # bf16 where the kernels run it
+kernels = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED, reason="needs a GPU or the Triton interpreter")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
 def reference(qkv: torch.Tensor, n_heads: int, keep: torch.Tensor | None = None, p: float = 0.0):
@@ -29,13 +39,13 @@ def test_cpu_inputs_are_not_supported_so_the_model_uses_sdpa():
     assert not short_attention.supported(torch.zeros(2, 16, 96), 2)
 
 
-@cuda
+@kernels
 @pytest.mark.parametrize("B,T,H,D", [(3, 128, 6, 64), (2, 37, 4, 32), (4, 1, 2, 16), (1, 100, 2, 128)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [LOW, torch.float16])
 def test_output_and_gradient_match_pytorch(B, T, H, D, dtype):
     torch.manual_seed(0)
-    qkv = torch.randn(B, T, 3 * H * D, device="cuda", dtype=dtype, requires_grad=True)
-    assert short_attention.supported(qkv, H)
+    qkv = torch.randn(B, T, 3 * H * D, device=DEVICE, dtype=dtype, requires_grad=True)
+    assert short_attention.supported(qkv, H) == (DEVICE == "cuda")
     y = short_attention.short_attention(qkv, H)
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -47,21 +57,21 @@ def test_output_and_gradient_match_pytorch(B, T, H, D, dtype):
     assert (qkv.grad.float() - ref_qkv.grad).abs().mean() < 5e-3  # not only within tolerance at the edges
 
 
-@cuda
+@kernels
 def test_dropout_mask_is_drawn_once_and_used_by_forward_and_backward():
     B, T, H, p = 8, 32, 2, 0.25
     C = H * T  # head size T: with v = identity, each head's output row is its dropped-out probabilities
-    seed = torch.tensor([1234], device="cuda", dtype=torch.int32)
+    seed = torch.tensor([1234], device=DEVICE, dtype=torch.int32)
     torch.manual_seed(0)
-    probe = torch.randn(B, T, 3 * C, device="cuda", dtype=torch.bfloat16)
-    probe[:, :, 2 * C:] = torch.eye(T, device="cuda", dtype=torch.bfloat16).repeat(1, H)
+    probe = torch.randn(B, T, 3 * C, device=DEVICE, dtype=LOW)
+    probe[:, :, 2 * C:] = torch.eye(T, device=DEVICE, dtype=LOW).repeat(1, H)
     dropped, _ = _forward(probe, H, p, seed)
     keep = (dropped.view(B, T, H, T).transpose(1, 2) != 0).float()  # (B, H, T, T)
-    causal = torch.ones(T, T, device="cuda").tril().bool()
+    causal = torch.ones(T, T, device=DEVICE).tril().bool()
     kept = keep[..., causal].mean().item()
     assert 0.70 < kept < 0.80 and keep[..., ~causal].sum() == 0
 
-    qkv = torch.randn(B, T, 3 * C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    qkv = torch.randn(B, T, 3 * C, device=DEVICE, dtype=LOW, requires_grad=True)
     y, _ = _forward(qkv, H, p, seed)  # the same seed: the same mask, whatever the values
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -103,3 +113,13 @@ def test_attention_kernel_turns_the_short_kernel_off_and_back_on():
             assert short_attention.enabled
         assert not short_attention.enabled
     assert short_attention.enabled
+
+
+@pytest.mark.skipif(INTERPRETED or DEVICE == "cuda" or importlib.util.find_spec("triton") is None,
+                    reason="on a GPU the kernels are tested directly; without Triton there is no interpreter")
+def test_kernels_under_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", __file__, "-k",
+                          "match_pytorch or dropout_mask"], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "9 passed" in run.stdout, run.stdout[-2000:]
