@@ -39,6 +39,7 @@ import warnings
 
 import torch
 
+from slm.model import softmax_grad_gluon
 from slm.model.fp8 import E5M2, scaled_mm
 
 try:  # Triton ships with the CUDA builds of PyTorch
@@ -110,7 +111,7 @@ def _empty_outputs(like: torch.Tensor, m: int, v: int):
 
 
 _PART_BN = 128  # vocabulary columns per tile of linear_softmax_grad_fp8's first kernel
-_CHECKED: dict[tuple[int, int, int, bool], bool] = {}  # (M, V, K, TMA kernel?) -> its G.T came out as G.T
+_CHECKED: dict[tuple[int, int, int, str], bool] = {}  # (M, V, K, kernel) -> its G.T came out as G.T
 
 
 @torch.library.custom_op("slm::linear_softmax_grad_fp8", mutates_args=())
@@ -126,21 +127,28 @@ def linear_softmax_grad_fp8(x8: torch.Tensor, x_inv: torch.Tensor, w8: torch.Ten
     if triton is None or not x8.is_cuda:
         return _from_stored_logits(x8, x_inv, w8, w_inv, targets, vocab_size, scale)
     x8, w8, targets = x8.contiguous(), w8.contiguous(), targets.contiguous()
-    tma = _tma_ok(x8, w8)  # which gradient kernel runs; each is checked on its own
-    key = (m, v, k, tma)
+    kind = "gluon" if softmax_grad_gluon.available(x8, w8, vocab_size) else "tma" if _tma_ok(x8, w8) else "pointer"
+    key = (m, v, k, kind)  # each gradient kernel's G.T is checked on its own
     if _CHECKED.get(key) is False:
         return _from_stored_logits(x8, x_inv, w8, w_inv, targets, vocab_size, scale)
     bk = next(b for b in (128, 64, 32) if k % b == 0)
     g, g_t, loss = _empty_outputs(x8, m, v)
-    parts = triton.cdiv(v, _PART_BN)  # one partial max and sum per row and per tile of _PART_BN columns
-    part_max = torch.empty((m, parts), dtype=torch.float32, device=x8.device)
-    part_sum, target_logit, lse = torch.empty_like(part_max), torch.empty_like(loss), torch.empty_like(loss)
-    _lse_parts_kernel[lambda meta: (triton.cdiv(m, meta["BM"]), parts)](
-        x8, w8, x_inv, w_inv, targets, part_max, part_sum, target_logit, m, v, vocab_size, parts,
-        K=k, BK=bk, BN=_PART_BN)
+    target_logit, lse = torch.empty_like(loss), torch.empty_like(loss)
+    if kind == "gluon":  # per row, a partial max and sum for each of a few runs of W's tiles
+        part_max, part_sum = softmax_grad_gluon.lse_parts(x8, x_inv, w8, w_inv, vocab_size)
+        _target_logit_kernel[(triton.cdiv(m, 32),)](x8, w8, x_inv, w_inv, targets, target_logit, m, K=k, BM=32)
+    else:  # per row, a partial max and sum for each tile of _PART_BN columns
+        part_max = torch.empty((m, triton.cdiv(v, _PART_BN)), dtype=torch.float32, device=x8.device)
+        part_sum = torch.empty_like(part_max)
+        _lse_parts_kernel[lambda meta: (triton.cdiv(m, meta["BM"]), part_max.size(1))](
+            x8, w8, x_inv, w_inv, targets, part_max, part_sum, target_logit, m, v, vocab_size, part_max.size(1),
+            K=k, BK=bk, BN=_PART_BN)
+    parts = part_max.size(1)
     _lse_from_parts_kernel[(triton.cdiv(m, 16),)](part_max, part_sum, target_logit, targets, lse, loss, m, parts,
                                                   BM=16, BP=triton.next_power_of_2(parts))
-    if tma:
+    if kind == "gluon":
+        softmax_grad_gluon.grad(x8, x_inv, w8, w_inv, lse, targets, g, g_t, vocab_size, scale)
+    elif kind == "tma":
         _grad_from_x_tma(x8, w8, x_inv, w_inv, lse, targets, g, g_t, vocab_size, scale, bk)
     else:
         _grad_from_x_kernel[lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(v, meta["BN"]))](
@@ -272,6 +280,22 @@ if triton is not None:
         hit = cols[None, :] == target[:, None]
         mine = (rows < M) & (target >= tl.program_id(1) * BN) & (target < tl.program_id(1) * BN + BN)
         tl.store(target_logit_ptr + rows, tl.sum(tl.where(hit, logits, 0.0), 1), mask=mine)
+
+    @triton.jit
+    def _target_logit_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, targets_ptr, out_ptr, M, K: tl.constexpr,
+                             BM: tl.constexpr):
+        """Each row's logit of its target (0 for ignored rows): one row of x times one row of W."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        target = tl.load(targets_ptr + rows, mask=rows < M, other=-1)
+        x_row = x_ptr + rows.to(tl.int64)[:, None] * K
+        w_row = w_ptr + tl.maximum(target, 0).to(tl.int64)[:, None] * K
+        total = tl.zeros([BM], dtype=tl.float32)
+        for k in tl.static_range(0, K, 32):
+            ks = k + tl.arange(0, 32)[None, :]
+            a = tl.load(x_row + ks, mask=rows[:, None] < M, other=0.0).to(tl.float32)
+            b = tl.load(w_row + ks, mask=rows[:, None] < M, other=0.0).to(tl.float32)
+            total += tl.sum(a * b, 1)
+        tl.store(out_ptr + rows, total * (tl.load(x_inv_ptr) * tl.load(w_inv_ptr)), mask=rows < M)
 
     @triton.jit
     def _lse_from_parts_kernel(part_max_ptr, part_sum_ptr, target_logit_ptr, targets_ptr, lse_ptr, loss_ptr, M,

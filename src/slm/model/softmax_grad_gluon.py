@@ -1,0 +1,271 @@
+"""The FP8 loss's two passes over the logits for Hopper GPUs (H100, H200), written in Gluon.
+
+``linear_softmax_grad_fp8`` (softmax_grad.py) computes each tile of logits ``x @ W.T`` twice on the FP8
+tensor cores, never storing them: once for each row's log-sum-exp, once for the gradient G = softmax -
+one-hot. Written in Triton, a tile's loads, its matmul and its exp epilogue run one after the other, so
+the matmul reaches ~450 TFLOP/s where cuBLAS does the same product at ~860. Gluon (Triton's lower-level
+language) lets these kernels say what runs when:
+
+- each program keeps its block of x's rows (BM x K) in shared memory and streams W's tiles through a ring
+  of STAGES buffers filled by the TMA copy engine ahead of use;
+- the matmul of tile i is issued asynchronously (``warpgroup_mma(is_async=True)``) and the exp epilogue
+  of tile i - 1 runs while the tensor cores work on it, from a second accumulator.
+
+Both kernels take x8 (M, K) and w8 (V, K) in float8_e4m3fn; program (i, j) takes rows i*BM.. and the j-th
+of ``splits`` equal runs of W's tiles. ``lse_parts`` writes each row's max and sum of exp per run (combined
+by softmax_grad's ``_lse_from_parts_kernel``); ``grad`` writes G and G.T as float8_e5m2 through the TMA
+engine, from a double-buffered staging area in shared memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:  # Triton 3.6+ with Gluon
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:
+    gluon = None
+
+enabled = True  # False: softmax_grad uses its Triton kernels (for A/B timing)
+BM, BN, BK = 128, 128, 128  # rows x vocabulary columns per tile; K is loaded in BK-wide boxes
+NUM_WARPS = 8  # two warpgroups, 64 rows each
+
+
+def available(x8: torch.Tensor, w8: torch.Tensor, vocab_size: int) -> bool:
+    """Whether these kernels can run: Gluon, a Hopper GPU (compute capability 9.x), d_model a multiple of
+    BK up to 384 (shared memory holds x's block and the ring), 16-byte aligned rows for the TMA engine, and
+    padding columns (vocab_size..V) within the last tile."""
+    if not enabled or gluon is None or not x8.is_cuda or torch.cuda.get_device_capability(x8.device)[0] != 9:
+        return False
+    (m, k), v = x8.shape, w8.size(0)
+    return (k % BK == 0 and k <= 384 and m % 16 == 0 and v % 16 == 0 and v - vocab_size < BN
+            and x8.data_ptr() % 16 == 0 and w8.data_ptr() % 16 == 0)
+
+
+def _splits(m: int, v: int, device) -> int:
+    """Runs of W's tiles per block of rows: enough programs to fill the GPU's SMs once, none of them empty."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = math.ceil(v / BN)
+    per = math.ceil(tiles / max(1, sms // math.ceil(m / BM)))  # tiles per run
+    return math.ceil(tiles / per)
+
+
+def _descriptors(x8, w8):
+    layout = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.float8e4nv)
+    return (TensorDescriptor.from_tensor(x8, [BM, BK], layout),
+            TensorDescriptor.from_tensor(w8, [BN, BK], gl.NVMMASharedLayout.get_default_for([BN, BK], gl.float8e4nv)))
+
+
+def lse_parts(x8, x_inv, w8, w_inv, vocab_size: int, stages: int = 3):
+    """(part_max, part_sum), each (M, splits) float32: per row and run of W's tiles, the max logit and the
+    sum of exp(logit - max), over the columns below ``vocab_size``; the logits are x8 @ w8.T * x_inv * w_inv."""
+    (m, k), v = x8.shape, w8.size(0)
+    splits = _splits(m, v, x8.device)
+    part_max = torch.empty((m, splits), dtype=torch.float32, device=x8.device)
+    part_sum = torch.empty_like(part_max)
+    x_desc, w_desc = _descriptors(x8, w8)
+    _lse_parts_kernel[(math.ceil(m / BM), splits)](x_desc, w_desc, x_inv, w_inv, part_max, part_sum, m, v, vocab_size,
+                                                   splits, K=k, STAGES=stages, num_warps=NUM_WARPS)
+    return part_max, part_sum
+
+
+def grad(x8, x_inv, w8, w_inv, lse, targets, g, g_t, vocab_size: int, scale: float, stages: int = 2, cvt: int = 0):
+    """Writes G = (softmax - one-hot) * scale (M, V) and G.T (V, M), float8_e5m2, given each row's lse."""
+    (m, k), v = x8.shape, w8.size(0)
+    splits = _splits(m, v, x8.device)
+    x_desc, w_desc = _descriptors(x8, w8)
+    g_desc = TensorDescriptor.from_tensor(g, [BM, BN], gl.NVMMASharedLayout.get_default_for([BM, BN], gl.float8e5))
+    g_t_desc = TensorDescriptor.from_tensor(g_t, [BN, BM],
+                                            gl.NVMMASharedLayout.get_default_for([BN, BM], gl.float8e5))
+    _grad_kernel[(math.ceil(m / BM), splits)](x_desc, w_desc, g_desc, g_t_desc, x_inv, w_inv, lse, targets, m, v,
+                                              vocab_size, splits, scale, K=k, STAGES=stages, CVT=cvt, num_warps=NUM_WARPS)
+
+
+if gluon is not None:
+    _BM, _BN, _BK = gl.constexpr(BM), gl.constexpr(BN), gl.constexpr(BK)
+    _LOG2E = gl.constexpr(1.4426950408889634)
+    # registers of a (BM x BN) float32 accumulator: warpgroups stacked along the rows, wgmma steps of
+    # 16 x _BN x 32 (FP8)
+    _ACC = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BN, 32])
+    # G's tile and its transpose, as written to shared memory: 16 (G) or 4 (G.T) neighbouring bytes per
+    # thread, each warp keeping the rows (of G) it computed, so the change of layout stays within the warp
+    _G_STORE = gl.BlockedLayout([1, 16], [4, 8], [NUM_WARPS, 1], [1, 0])
+    _GT_STORE = gl.BlockedLayout([1, 4], [8, 4], [1, NUM_WARPS], [1, 0])
+    _GT_STORE16 = gl.BlockedLayout([1, 16], [32, 1], [1, NUM_WARPS], [1, 0])
+
+    @gluon.jit
+    def _run_of_tiles(V, splits):
+        """[first, last) of W's tiles this program walks."""
+        n_tiles = gl.cdiv(V, _BN)
+        per = gl.cdiv(n_tiles, splits)
+        first = gl.program_id(1) * per
+        return first, gl.minimum(first + per, n_tiles)
+
+    @gluon.jit
+    def _load_x(x_desc, x_smem, bar, KT: gl.constexpr):
+        """x's (BM x K) block, as KT boxes of BK columns, on one barrier."""
+        mbarrier.expect(bar, KT * x_desc.block_type.nbytes)
+        for kt in gl.static_range(KT):
+            tma.async_copy_global_to_shared(x_desc, [gl.program_id(0) * _BM, kt * _BK], bar, x_smem.index(kt))
+
+    @gluon.jit
+    def _load_w(w_desc, w_smem, bars, tile, slot, KT: gl.constexpr):
+        """W's tile ``tile`` (BN x K) into ring slot ``slot``."""
+        bar = bars.index(slot)
+        mbarrier.expect(bar, KT * w_desc.block_type.nbytes)
+        for kt in gl.static_range(KT):
+            tma.async_copy_global_to_shared(w_desc, [tile * _BN, kt * _BK], bar, w_smem.index(slot * KT + kt))
+
+    @gluon.jit
+    def _issue_mma(x_smem, w_smem, slot, acc, KT: gl.constexpr):
+        """acc = x_block @ W_tile.T, asynchronously (K in KT steps)."""
+        for kt in gl.static_range(KT):
+            acc = warpgroup_mma(x_smem.index(kt), w_smem.index(slot * KT + kt).permute((1, 0)), acc,
+                                use_acc=kt > 0, is_async=True)
+        return acc
+
+    @gluon.jit
+    def _lse_update(acc, tile, row_max, row_sum, c, vocab_size, layout: gl.constexpr, LAST: gl.constexpr):
+        """Online max and sum of exp over one more tile (acc: raw products; c = inv * log2(e) > 0, so the
+        max of the raw products is the max of the logits). Only the LAST tile of a run may hold padding
+        columns (available() asks for fewer than BN of them): a branch between the asynchronous matmul and
+        its wait makes ptxas wait for the matmul before the branch."""
+        if LAST and tile * _BN + _BN > vocab_size:  # padding columns: out of the max and the sum
+            cols = tile * _BN + gl.arange(0, _BN, layout=gl.SliceLayout(0, layout))
+            acc = gl.where(cols[None, :] < vocab_size, acc, -1e30)
+        new_max = gl.maximum(row_max, gl.max(acc, axis=1))
+        p = gl.exp2(acc * c - (new_max * c)[:, None])
+        row_sum = row_sum * gl.exp2((row_max - new_max) * c) + gl.sum(p, axis=1)
+        return new_max, row_sum
+
+    @gluon.jit
+    def _lse_parts_kernel(x_desc, w_desc, x_inv_ptr, w_inv_ptr, part_max_ptr, part_sum_ptr, M, V, vocab_size, splits,
+                          K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        KT: gl.constexpr = K // _BK
+        layout: gl.constexpr = _ACC
+        first, last = _run_of_tiles(V, splits)
+        n = last - first
+        x_smem = gl.allocate_shared_memory(x_desc.dtype, [KT, _BM, _BK], x_desc.layout)
+        w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES * KT, _BN, _BK], w_desc.layout)
+        x_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        w_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(x_bar, count=1)
+        for s in gl.static_range(STAGES):
+            mbarrier.init(w_bars.index(s), count=1)
+        _load_x(x_desc, x_smem, x_bar, KT)
+        for s in gl.static_range(STAGES):
+            if s < n:
+                _load_w(w_desc, w_smem, w_bars, first + s, s, KT)
+
+        inv = gl.load(x_inv_ptr) * gl.load(w_inv_ptr)
+        c = inv * _LOG2E
+        row_max = gl.full([_BM], -1e30, gl.float32, layout=gl.SliceLayout(1, layout))
+        row_sum = gl.zeros([_BM], gl.float32, layout=gl.SliceLayout(1, layout))
+        zero = gl.zeros([_BM, _BN], gl.float32, layout=layout)
+        mbarrier.wait(x_bar, 0)
+        # tile 0 on its own, so that the loop below always has a finished tile to reduce
+        mbarrier.wait(w_bars.index(0), 0)
+        prev = _issue_mma(x_smem, w_smem, 0, zero, KT)
+        prev = warpgroup_mma_wait(0, deps=(prev,))
+        if STAGES < n:
+            _load_w(w_desc, w_smem, w_bars, first + STAGES, 0, KT)
+        for i in range(1, n):
+            slot = i % STAGES
+            mbarrier.wait(w_bars.index(slot), (i // STAGES) & 1)
+            cur = _issue_mma(x_smem, w_smem, slot, zero, KT)
+            row_max, row_sum = _lse_update(prev, first + i - 1, row_max, row_sum, c, vocab_size, layout, False)
+            cur = warpgroup_mma_wait(0, deps=(cur,))
+            if i + STAGES < n:  # the slot is free again: fetch the tile STAGES ahead
+                _load_w(w_desc, w_smem, w_bars, first + i + STAGES, slot, KT)
+            prev = cur
+        row_max, row_sum = _lse_update(prev, last - 1, row_max, row_sum, c, vocab_size, layout, True)
+
+        mbarrier.invalidate(x_bar)
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(w_bars.index(s))
+        rows = gl.program_id(0) * _BM + gl.arange(0, _BM, layout=gl.SliceLayout(1, layout))
+        out = rows.to(gl.int64) * splits + gl.program_id(1)
+        gl.store(part_max_ptr + out, row_max * inv, mask=rows < M)
+        gl.store(part_sum_ptr + out, row_sum, mask=rows < M)
+
+    @gluon.jit
+    def _grad_epilogue(acc, tile, lse2, target, c, vocab_size, scale, g_desc, g_t_desc, g_smem, g_t_smem, buf,
+                       layout: gl.constexpr, CVT: gl.constexpr, LAST: gl.constexpr):
+        """G's tile from its raw products, stored (and its transpose) through staging buffer ``buf``."""
+        cols = tile * _BN + gl.arange(0, _BN, layout=gl.SliceLayout(0, layout))
+        p = gl.exp2(acc * c - lse2[:, None])  # softmax * scale (lse2 holds log2(scale); +inf: ignored row)
+        g = gl.where(cols[None, :] == target[:, None], p - scale, p)
+        if LAST and tile * _BN + _BN > vocab_size:  # only a run's last tile (see _lse_update)
+            g = gl.where(cols[None, :] < vocab_size, g, 0.0)
+        g8 = g.to(gl.float8e5)
+        tma.store_wait(2)  # this buffer's stores of two tiles ago are done
+        if CVT % 2 == 1:
+            g_smem.index(buf).store(gl.convert_layout(g8, _G_STORE))
+        else:
+            g_smem.index(buf).store(g8)
+        if CVT // 2 == 1:
+            g_t_smem.index(buf).store(gl.convert_layout(gl.permute(g8, (1, 0)), _GT_STORE))
+        elif CVT // 2 == 2:
+            g_t_smem.index(buf).store(gl.convert_layout(gl.permute(g8, (1, 0)), _GT_STORE16))
+        else:
+            g_t_smem.index(buf).store(gl.permute(g8, (1, 0)))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(g_desc, [gl.program_id(0) * _BM, tile * _BN], g_smem.index(buf))
+        tma.async_copy_shared_to_global(g_t_desc, [tile * _BN, gl.program_id(0) * _BM], g_t_smem.index(buf))
+
+    @gluon.jit
+    def _grad_kernel(x_desc, w_desc, g_desc, g_t_desc, x_inv_ptr, w_inv_ptr, lse_ptr, targets_ptr, M, V, vocab_size, splits,
+                     scale, K: gl.constexpr, STAGES: gl.constexpr, CVT: gl.constexpr, num_warps: gl.constexpr):
+        KT: gl.constexpr = K // _BK
+        layout: gl.constexpr = _ACC
+        first, last = _run_of_tiles(V, splits)
+        n = last - first
+        x_smem = gl.allocate_shared_memory(x_desc.dtype, [KT, _BM, _BK], x_desc.layout)
+        w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES * KT, _BN, _BK], w_desc.layout)
+        g_smem = gl.allocate_shared_memory(g_desc.dtype, [2, _BM, _BN], g_desc.layout)
+        g_t_smem = gl.allocate_shared_memory(g_t_desc.dtype, [2, _BN, _BM], g_t_desc.layout)
+        x_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        w_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(x_bar, count=1)
+        for s in gl.static_range(STAGES):
+            mbarrier.init(w_bars.index(s), count=1)
+        _load_x(x_desc, x_smem, x_bar, KT)
+        for s in gl.static_range(STAGES):
+            if s < n:
+                _load_w(w_desc, w_smem, w_bars, first + s, s, KT)
+
+        inv = gl.load(x_inv_ptr) * gl.load(w_inv_ptr)
+        c = inv * _LOG2E
+        rows = gl.program_id(0) * _BM + gl.arange(0, _BM, layout=gl.SliceLayout(1, layout))
+        target = gl.load(targets_ptr + rows, mask=rows < M, other=-1)
+        lse2 = gl.load(lse_ptr + rows, mask=rows < M, other=0.0) * _LOG2E - gl.log2(scale)
+        lse2 = gl.where(target >= 0, lse2, float("inf"))
+        zero = gl.zeros([_BM, _BN], gl.float32, layout=layout)
+        mbarrier.wait(x_bar, 0)
+        mbarrier.wait(w_bars.index(0), 0)
+        prev = _issue_mma(x_smem, w_smem, 0, zero, KT)
+        prev = warpgroup_mma_wait(0, deps=(prev,))
+        if STAGES < n:
+            _load_w(w_desc, w_smem, w_bars, first + STAGES, 0, KT)
+        for i in range(1, n):
+            slot = i % STAGES
+            mbarrier.wait(w_bars.index(slot), (i // STAGES) & 1)
+            cur = _issue_mma(x_smem, w_smem, slot, zero, KT)
+            _grad_epilogue(prev, first + i - 1, lse2, target, c, vocab_size, scale, g_desc, g_t_desc, g_smem,
+                           g_t_smem, (i - 1) % 2, layout, CVT, False)
+            cur = warpgroup_mma_wait(0, deps=(cur,))
+            if i + STAGES < n:
+                _load_w(w_desc, w_smem, w_bars, first + i + STAGES, slot, KT)
+            prev = cur
+        _grad_epilogue(prev, last - 1, lse2, target, c, vocab_size, scale, g_desc, g_t_desc, g_smem, g_t_smem,
+                       (n - 1) % 2, layout, CVT, True)
+        tma.store_wait(0)
+        mbarrier.invalidate(x_bar)
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(w_bars.index(s))
