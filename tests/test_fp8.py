@@ -69,7 +69,7 @@ def test_fp8_fused_loss_is_close_to_the_exact_loss_and_gradients(recompute, monk
 
 def exact_gradient(logits, y, vocab=300):
     """Each row's loss and (softmax - one-hot) * 2**15 (0 on ignored rows and padding columns), in float32."""
-    loss = F.cross_entropy(logits.float()[:, :vocab], y, ignore_index=-1, reduction="none")
+    loss = F.cross_entropy(logits.double()[:, :vocab], y, ignore_index=-1, reduction="none").float()
     g = (torch.softmax(logits.float()[:, :vocab], 1) - F.one_hot(y.clamp(min=0), vocab).float()) * (y >= 0)[:, None]
     return loss, F.pad(g, (0, logits.size(1) - vocab)) * 2.0**15
 
@@ -105,16 +105,40 @@ def test_softmax_grad_fp8_writes_the_gradient_and_its_transpose(device):
 
 
 @on_both
-@pytest.mark.parametrize("rows", [200, 208])  # neither a multiple of the tiles; 208 takes the TMA kernel on Hopper
-def test_linear_softmax_grad_fp8_computes_the_logits_itself(device, rows):
+@pytest.mark.parametrize("rows, d", [(200, 64), (208, 64), (208, 128)])
+def test_linear_softmax_grad_fp8_computes_the_logits_itself(device, rows, d):
+    # rows: not a multiple of the tiles; on Hopper 208 x 64 takes the TMA kernel, 208 x 128 the Gluon ones
     torch.manual_seed(3)
-    x8, x_inv = to_fp8(torch.randn(rows, 64, device=device), E4M3)
-    w8, w_inv = to_fp8(torch.randn(320, 64, device=device) * 0.4, E4M3)
+    x8, x_inv = to_fp8(torch.randn(rows, d, device=device), E4M3)
+    w8, w_inv = to_fp8(torch.randn(320, d, device=device) * 0.4 * (64 / d) ** 0.5, E4M3)
     y = targets(rows, device)
     exact_loss, exact = exact_gradient((x8.double() * x_inv) @ (w8.double() * w_inv).t(), y)
     g, g_t, loss = linear_softmax_grad_fp8(x8, x_inv, w8, w_inv, y, 300, 2.0**15)
     torch.testing.assert_close(loss, exact_loss, rtol=1e-3, atol=1e-3)  # tensor cores: sums of < 24 bits
     check_gradient(g, g_t, y, exact)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need a GPU")
+def test_linear_softmax_grad_fp8_walks_many_tiles_per_program():
+    """Each program of the Gluon kernels walks a run of W's tiles through its ring of buffers (the tests
+    above give each program one tile); d_model 384 is the 30M model's."""
+    from slm.model import softmax_grad, softmax_grad_gluon
+
+    torch.manual_seed(4)
+    vocab, padded = 5100, 5120  # 40 tiles of 128 columns, the last one with padding
+    x8, x_inv = to_fp8(torch.randn(2048, 384, device="cuda"), E4M3)
+    w8, w_inv = to_fp8(torch.randn(padded, 384, device="cuda") * 0.15, E4M3)
+    y = torch.randint(0, vocab, (2048,), device="cuda")
+    y[::97] = -1
+    logits = (x8.double() * x_inv) @ (w8.double() * w_inv).t()
+    exact_loss, exact = exact_gradient(logits, y, vocab)
+    g, g_t, loss = linear_softmax_grad_fp8(x8, x_inv, w8, w_inv, y, vocab, 2.0**15)
+    # Hopper's FP8 tensor cores sum in less than float32: with K = 384 the loss is off by ~1e-3 of itself
+    assert (loss - exact_loss).abs().max() < 3e-3 * exact_loss.abs().max()
+    check_gradient(g, g_t, y, exact, vocab)
+    if torch.cuda.get_device_capability()[0] == 9:  # Hopper: it was the Gluon kernels, several tiles each
+        assert softmax_grad._CHECKED[(2048, padded, 384, "gluon")]
+        assert softmax_grad_gluon._splits(2048, padded, x8.device) < 40
 
 
 def test_use_fp8_keeps_the_parameters_and_the_eval_path():
