@@ -4,6 +4,11 @@ The CPU runs torch._scaled_mm too, so the FP8 code path itself is checked here; 
 an H100 in benchmarks/RESULTS.md.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -204,3 +209,66 @@ def test_training_with_fp8_learns_like_bf16(sample_data, tmp_path, monkeypatch):
     assert fp8["val_loss"] < 0.8 * 8.32  # well below the uniform guess, ln(4096)
     assert fp8["val_loss"] == pytest.approx(plain["val_loss"], rel=0.03)
     assert switched and switched[0] > 1  # the output layer and the blocks' Linears did train in FP8
+
+
+COMPILE_FOR_HOPPER = r"""
+import os, subprocess, sys, torch
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia import __file__ as nvidia_dir
+from triton.runtime import driver
+
+
+class Hopper:  # compile-only stand-in for the CUDA driver: kernels are built for sm_90a, never launched
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+driver.set_active(Hopper())
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from slm.model import softmax_grad_gluon as sgg
+
+m, v, k = 8192, 50304, 384
+x8, w8 = torch.empty(m, k, dtype=torch.float8_e4m3fn), torch.empty(v, k, dtype=torch.float8_e4m3fn)
+g, g_t = torch.empty(m, v, dtype=torch.float8_e5m2), torch.empty(v, m, dtype=torch.float8_e5m2)
+inv, rows = torch.ones(()), torch.empty(m)
+x_desc, w_desc = sgg._descriptors(x8, w8)
+layout = gl.NVMMASharedLayout.get_default_for([128, 128], gl.float8e5)
+kernels = {
+    "lse": sgg._lse_parts_kernel.warmup(x_desc, w_desc, inv, inv, rows, rows, m, v, 50257, 2, K=k, STAGES=2,
+                                        num_warps=sgg.NUM_WARPS, grid=(1,)),
+    "grad": sgg._grad_kernel.warmup(x_desc, w_desc, TensorDescriptor.from_tensor(g, [128, 128], layout),
+                                    TensorDescriptor.from_tensor(g_t, [128, 128], layout), inv, inv, rows,
+                                    torch.empty(m, dtype=torch.int64), m, v, 50257, 2, 1.0, K=k, STAGES=2,
+                                    num_warps=sgg.NUM_WARPS, grid=(1,)),
+}
+ptxas = os.path.join(os.path.dirname(nvidia_dir), "bin", "ptxas")
+for name, kernel in kernels.items():
+    with open(f"{sys.argv[1]}/{name}.ptx", "w") as f:
+        f.write(kernel.asm["ptx"])
+    log = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    print(name, kernel.metadata.shared, "spills" if " 0 bytes spill stores" not in log.stderr + log.stdout else "ok")
+"""
+
+
+def test_gluon_loss_kernels_compile_for_hopper_without_spills(tmp_path):
+    """The Gluon kernels only run on Hopper GPUs; here they are compiled for one (sm_90a) on any machine,
+    so a Triton whose Gluon changed, a kernel that no longer fits in shared memory (227 KiB on an H100) or
+    one that spills registers is caught without a GPU."""
+    from slm.model import softmax_grad_gluon
+
+    if softmax_grad_gluon.gluon is None:
+        pytest.skip("needs Triton with Gluon (3.6+)")
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER, str(tmp_path)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": src}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for line in out.stdout.splitlines()[-2:]:  # "<kernel> <bytes of shared memory> ok|spills"
+        name, shared, spills = line.split()
+        assert int(shared) <= 227 * 1024 and spills == "ok", line

@@ -29,18 +29,24 @@ import math
 
 import torch
 
+enabled = True  # False: softmax_grad uses its Triton kernels (for A/B timing)
+BM, BN, BK = 128, 128, 128  # rows x vocabulary columns per tile; K is loaded in BK-wide boxes
+NUM_WARPS = 8  # two warpgroups, 64 rows each
+
 try:  # Triton 3.6+ with Gluon
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-except ImportError:
-    gluon = None
 
-enabled = True  # False: softmax_grad uses its Triton kernels (for A/B timing)
-BM, BN, BK = 128, 128, 128  # rows x vocabulary columns per tile; K is loaded in BK-wide boxes
-NUM_WARPS = 8  # two warpgroups, 64 rows each
+    _BM, _BN, _BK = gl.constexpr(BM), gl.constexpr(BN), gl.constexpr(BK)
+    _LOG2E = gl.constexpr(1.4426950408889634)
+    # registers of a (BM x BN) float32 accumulator: warpgroups stacked along the rows, wgmma steps of
+    # 16 x BN x 32 (FP8)
+    _ACC = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BN, 32])
+except Exception:  # noqa: BLE001 - no Triton, or one whose experimental Gluon API differs: the Triton kernels run
+    gluon = None
 
 
 def available(x8: torch.Tensor, w8: torch.Tensor, vocab_size: int) -> bool:
@@ -94,12 +100,6 @@ def grad(x8, x_inv, w8, w_inv, lse, targets, g, g_t, vocab_size: int, scale: flo
 
 
 if gluon is not None:
-    _BM, _BN, _BK = gl.constexpr(BM), gl.constexpr(BN), gl.constexpr(BK)
-    _LOG2E = gl.constexpr(1.4426950408889634)
-    # registers of a (BM x BN) float32 accumulator: warpgroups stacked along the rows, wgmma steps of
-    # 16 x BN x 32 (FP8)
-    _ACC = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BN, 32])
-
     @gluon.jit
     def _run_of_tiles(V, splits):
         """[first, last) of W's tiles this program walks."""
