@@ -67,9 +67,11 @@ def test_fp8_fused_loss_is_close_to_the_exact_loss_and_gradients(recompute, monk
     assert rel_err(gx, gx_ref) < 0.06 and rel_err(gw, gw_ref) < 0.06
     assert not gw[500:].any()  # padding rows still get no gradient
     assert set(used) == {"linear_softmax_grad_fp8" if recompute else "softmax_grad_fp8"}
-    # shapes the FP8 kernels cannot take (chunk not a multiple of 16) run the exact path
+    # shapes the FP8 kernels cannot take (chunk or vocabulary not a multiple of 16) run the exact path
     exact = linear_cross_entropy(x, w, y, 50, vocab_size=500, fp8=True)
     torch.testing.assert_close(exact, ref)
+    unpadded = linear_cross_entropy(x, w[:500], y, 64, fp8=True)  # model.vocab_multiple: 1 with fp8 on
+    torch.testing.assert_close(unpadded, F.cross_entropy(x @ w[:500].t(), y, ignore_index=-1))
 
 
 def exact_gradient(logits, y, vocab=300):

@@ -85,10 +85,11 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     real tokens (the rest is padding, default: none). Under autocast the matmuls run in the autocast
     dtype (the softmax always in float32), as they would in the plain path. Compiled, each chunk's softmax
     and gradient become one fused kernel (measured on an H100: ~2.2 TB/s, 1.1 ms per 8,192 x 50,304 chunk).
-    ``fp8`` runs the three matmuls in FP8 (see fp8.py; the number of tokens must be a multiple of 16).
+    ``fp8`` runs the three matmuls in FP8 (see fp8.py) where the GPU's FP8 matmuls take the shapes: the
+    number of tokens, the chunk, d_model and the (padded) vocabulary multiples of 16; elsewhere the exact path.
     """
     dtype = compute_dtype(x)
-    fp8 = fp8 and x.size(0) % 16 == 0 and chunk % 16 == 0
+    fp8 = fp8 and x.size(0) % 16 == 0 and chunk % 16 == 0 and x.size(1) % 16 == 0 and weight.size(0) % 16 == 0
     with torch.autocast(x.device.type, enabled=False):
         return _LinearCrossEntropy.apply(x.to(dtype), weight.to(dtype), targets, vocab_size or weight.size(0), chunk,
                                          fp8)
