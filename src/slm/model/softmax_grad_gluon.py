@@ -154,6 +154,21 @@ if gluon is not None:
         return acc
 
     @gluon.jit
+    def _tile_start(x_smem, w_smem, w_bars, i, zero, KT: gl.constexpr, STAGES: gl.constexpr):
+        """The matmul of the run's i-th tile, issued once its W tile has landed (not waited for)."""
+        slot = i % STAGES
+        mbarrier.wait(w_bars.index(slot), (i // STAGES) & 1)
+        return _issue_mma(x_smem, w_smem, slot, zero, KT)
+
+    @gluon.jit
+    def _tile_wait(acc, w_desc, w_smem, w_bars, first, i, n, KT: gl.constexpr, STAGES: gl.constexpr):
+        """Waits for tile i's matmul, then refills its slot of the ring with the tile STAGES ahead."""
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        if i + STAGES < n:
+            _load_w(w_desc, w_smem, w_bars, first + i + STAGES, i % STAGES, KT)
+        return acc
+
+    @gluon.jit
     def _lse_update(acc, tile, row_max, row_sum, c, vocab_size, layout: gl.constexpr, LAST: gl.constexpr):
         """Online max and sum of exp over one more tile (acc: raw products; c = inv * log2(e) > 0, so the
         max of the raw products is the max of the logits). Only the LAST tile of a run may hold padding
@@ -182,21 +197,12 @@ if gluon is not None:
         row_sum = gl.zeros([_BM], gl.float32, layout=gl.SliceLayout(1, layout))
         zero = gl.zeros([_BM, _BN], gl.float32, layout=layout)
         mbarrier.wait(x_bar, 0)
-        # tile 0 on its own, so that the loop below always has a finished tile to reduce
-        mbarrier.wait(w_bars.index(0), 0)
-        prev = _issue_mma(x_smem, w_smem, 0, zero, KT)
-        prev = warpgroup_mma_wait(0, deps=(prev,))
-        if STAGES < n:
-            _load_w(w_desc, w_smem, w_bars, first + STAGES, 0, KT)
+        prev = _tile_wait(_tile_start(x_smem, w_smem, w_bars, 0, zero, KT, STAGES), w_desc, w_smem, w_bars, first, 0,
+                          n, KT, STAGES)  # tile 0 on its own: the loop always has a finished tile to reduce
         for i in range(1, n):
-            slot = i % STAGES
-            mbarrier.wait(w_bars.index(slot), (i // STAGES) & 1)
-            cur = _issue_mma(x_smem, w_smem, slot, zero, KT)
+            cur = _tile_start(x_smem, w_smem, w_bars, i, zero, KT, STAGES)
             row_max, row_sum = _lse_update(prev, first + i - 1, row_max, row_sum, c, vocab_size, layout, False)
-            cur = warpgroup_mma_wait(0, deps=(cur,))
-            if i + STAGES < n:  # the slot is free again: fetch the tile STAGES ahead
-                _load_w(w_desc, w_smem, w_bars, first + i + STAGES, slot, KT)
-            prev = cur
+            prev = _tile_wait(cur, w_desc, w_smem, w_bars, first, i, n, KT, STAGES)
         row_max, row_sum = _lse_update(prev, last - 1, row_max, row_sum, c, vocab_size, layout, True)
 
         _end_loads(x_bar, w_bars, STAGES)
@@ -241,21 +247,13 @@ if gluon is not None:
         lse2 = gl.where(target >= 0, lse2, float("inf"))
         zero = gl.zeros([_BM, _BN], gl.float32, layout=layout)
         mbarrier.wait(x_bar, 0)
-        mbarrier.wait(w_bars.index(0), 0)
-        prev = _issue_mma(x_smem, w_smem, 0, zero, KT)
-        prev = warpgroup_mma_wait(0, deps=(prev,))
-        if STAGES < n:
-            _load_w(w_desc, w_smem, w_bars, first + STAGES, 0, KT)
+        prev = _tile_wait(_tile_start(x_smem, w_smem, w_bars, 0, zero, KT, STAGES), w_desc, w_smem, w_bars, first, 0,
+                          n, KT, STAGES)
         for i in range(1, n):
-            slot = i % STAGES
-            mbarrier.wait(w_bars.index(slot), (i // STAGES) & 1)
-            cur = _issue_mma(x_smem, w_smem, slot, zero, KT)
+            cur = _tile_start(x_smem, w_smem, w_bars, i, zero, KT, STAGES)
             _grad_epilogue(prev, first + i - 1, lse2, target, c, vocab_size, scale, g_desc, g_t_desc, g_smem,
                            g_t_smem, (i - 1) % 2, layout, False)
-            cur = warpgroup_mma_wait(0, deps=(cur,))
-            if i + STAGES < n:
-                _load_w(w_desc, w_smem, w_bars, first + i + STAGES, slot, KT)
-            prev = cur
+            prev = _tile_wait(cur, w_desc, w_smem, w_bars, first, i, n, KT, STAGES)
         _grad_epilogue(prev, last - 1, lse2, target, c, vocab_size, scale, g_desc, g_t_desc, g_smem, g_t_smem,
                        (n - 1) % 2, layout, True)
         tma.store_wait(0)
