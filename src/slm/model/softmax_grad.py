@@ -137,7 +137,7 @@ def linear_softmax_grad_fp8(x8: torch.Tensor, x_inv: torch.Tensor, w8: torch.Ten
     if kind == "gluon" and key not in _CHECKED:
         try:  # Gluon is Triton's experimental layer: a Triton other than the one tested may not compile it
             g, g_t, loss = _from_x(kind, x8, x_inv, w8, w_inv, targets, vocab_size, scale)
-        except Exception as e:  # noqa: BLE001 - any compile error: the Triton kernels do the same work
+        except Exception as e:  # any compile error: the Triton kernels do the same work
             warnings.warn(f"slm: the Gluon FP8 loss kernels failed ({type(e).__name__}: {str(e)[:200]}); "
                           "using the Triton ones instead", RuntimeWarning)
             softmax_grad_gluon.enabled = False
@@ -304,7 +304,7 @@ if triton is not None:
     @triton.jit
     def _target_logit_kernel(x_ptr, w_ptr, x_inv_ptr, w_inv_ptr, targets_ptr, out_ptr, M, K: tl.constexpr,
                              BM: tl.constexpr):
-        """Each row's logit of its target (0 for ignored rows): one row of x times one row of W."""
+        """Each row's logit of its target, one row of x times one row of W (ignored rows: any value)."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         target = tl.load(targets_ptr + rows, mask=rows < M, other=-1)
         x_row = x_ptr + rows.to(tl.int64)[:, None] * K

@@ -45,7 +45,7 @@ try:  # Triton 3.6+ with Gluon
     # registers of a (BM x BN) float32 accumulator: warpgroups stacked along the rows, wgmma steps of
     # 16 x BN x 32 (FP8)
     _ACC = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BN, 32])
-except Exception:  # noqa: BLE001 - no Triton, or one whose experimental Gluon API differs: the Triton kernels run
+except Exception:  # no Triton, or one whose (experimental) Gluon differs: the Triton kernels run
     gluon = None
 
 
