@@ -232,8 +232,6 @@ class Hopper:  # compile-only stand-in for the CUDA driver: kernels are built fo
 
 
 driver.set_active(Hopper())
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from slm.model import softmax_grad_gluon as sgg
 
 m, v, k = 8192, 50304, 384
@@ -241,12 +239,11 @@ x8, w8 = torch.empty(m, k, dtype=torch.float8_e4m3fn), torch.empty(v, k, dtype=t
 g, g_t = torch.empty(m, v, dtype=torch.float8_e5m2), torch.empty(v, m, dtype=torch.float8_e5m2)
 inv, rows = torch.ones(()), torch.empty(m)
 x_desc, w_desc = sgg._descriptors(x8, w8)
-layout = gl.NVMMASharedLayout.get_default_for([128, 128], gl.float8e5)
 kernels = {
     "lse": sgg._lse_parts_kernel.warmup(x_desc, w_desc, inv, inv, rows, rows, m, v, 50257, 2, K=k, STAGES=2,
                                         num_warps=sgg.NUM_WARPS, grid=(1,)),
-    "grad": sgg._grad_kernel.warmup(x_desc, w_desc, TensorDescriptor.from_tensor(g, [128, 128], layout),
-                                    TensorDescriptor.from_tensor(g_t, [128, 128], layout), inv, inv, rows,
+    "grad": sgg._grad_kernel.warmup(x_desc, w_desc, sgg._desc(g, [sgg.BM, sgg.BN]), sgg._desc(g_t, [sgg.BN, sgg.BM]),
+                                    inv, inv, rows,
                                     torch.empty(m, dtype=torch.int64), m, v, 50257, 2, 1.0, K=k, STAGES=2,
                                     num_warps=sgg.NUM_WARPS, grid=(1,)),
 }

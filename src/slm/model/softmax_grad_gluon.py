@@ -68,10 +68,15 @@ def _splits(m: int, v: int, device) -> int:
     return math.ceil(tiles / per)
 
 
+def _desc(t: torch.Tensor, box: list[int]):
+    """TMA descriptor of an FP8 tensor, moved in boxes of ``box`` elements (swizzled in shared memory)."""
+    dtype = {torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5}[t.dtype]
+    return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, dtype))
+
+
 def _descriptors(x8, w8):
     """TMA descriptors of x8's (BM x BK) and w8's (BN x BK) boxes."""
-    return tuple(TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, gl.float8e4nv))
-                 for t, box in ((x8, [BM, BK]), (w8, [BN, BK])))
+    return _desc(x8, [BM, BK]), _desc(w8, [BN, BK])
 
 
 def lse_parts(x8, x_inv, w8, w_inv, vocab_size: int, stages: int = 2):
@@ -92,11 +97,9 @@ def grad(x8, x_inv, w8, w_inv, lse, targets, g, g_t, vocab_size: int, scale: flo
     (m, k), v = x8.shape, w8.size(0)
     splits = _splits(m, v, x8.device)
     x_desc, w_desc = _descriptors(x8, w8)
-    g_desc = TensorDescriptor.from_tensor(g, [BM, BN], gl.NVMMASharedLayout.get_default_for([BM, BN], gl.float8e5))
-    g_t_desc = TensorDescriptor.from_tensor(g_t, [BN, BM],
-                                            gl.NVMMASharedLayout.get_default_for([BN, BM], gl.float8e5))
-    _grad_kernel[(math.ceil(m / BM), splits)](x_desc, w_desc, g_desc, g_t_desc, x_inv, w_inv, lse, targets, m, v,
-                                              vocab_size, splits, scale, K=k, STAGES=stages, num_warps=NUM_WARPS)
+    _grad_kernel[(math.ceil(m / BM), splits)](x_desc, w_desc, _desc(g, [BM, BN]), _desc(g_t, [BN, BM]), x_inv,
+                                              w_inv, lse, targets, m, v, vocab_size, splits, scale, K=k,
+                                              STAGES=stages, num_warps=NUM_WARPS)
 
 
 if gluon is not None:
