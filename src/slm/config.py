@@ -24,7 +24,7 @@ from slm.model import GPTConfig
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTENTION = ("auto", "sdpa", "flash", "cudnn", "efficient", "math")
-FP8 = ("none", "head", "all")
+FP8 = ("none", "head", "mlp", "all")
 
 
 @dataclass
@@ -64,7 +64,7 @@ class TrainingConfig:
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     attention: str = "auto"  # auto (slm's kernel to 128 tokens, else SDPA) | sdpa | flash | cudnn | efficient | math
     loss_chunk: int = 0  # > 0: fused output layer + cross-entropy, this many tokens at a time (no full logits; GPU)
-    fp8: str = "none"  # FP8 matmuls on GPUs that have them (H100, L4, ...): none | head (output layer) | all
+    fp8: str = "none"  # FP8 matmuls on GPUs that have them (H100, L4, ...): none | head | mlp (+ the MLPs) | all
     fused_optimizer: bool = True  # fused AdamW kernels on CUDA (one launch for all parameters); false = foreach
     prefetch: int = 2  # batches a background thread prepares ahead (pinned memory, async copy); 0 = inline
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from slm.errors import ConfigError
 from slm.model import short_attention
 from slm.model.fp8 import fp8_linear
+from slm.model.fp8_mlp import fp8_mlp
 from slm.model.loss import linear_cross_entropy
 from slm.model.softmax_grad import mask_padding
 
@@ -130,8 +131,11 @@ class FeedForward(nn.Module):
         self.proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
         self.proj.residual_scale = True
         self.dropout = nn.Dropout(config.dropout)
+        self.fp8 = False  # training matmuls in FP8, the GELU's casts fused (fp8_mlp.py; training.fp8: mlp/all)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8 and torch.is_grad_enabled():
+            return self.dropout(fp8_mlp(x, self.fc.weight, self.fc.bias, self.proj.weight, self.proj.bias))
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
 
 
