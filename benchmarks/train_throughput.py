@@ -26,6 +26,7 @@ import argparse
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -235,7 +236,8 @@ def time_steps(step, steps: int, device: str) -> tuple[float, float, torch.Tenso
 
 
 def profile(step, spec: dict) -> None:
-    """Append the GPU time per kernel of 3 steps to the file spec["profile"] (where the step's time goes)."""
+    """Append the GPU time per kernel of 3 steps to the file spec["profile"] (where the step's time goes);
+    the timeline of those steps goes next to it as a Chrome trace (open it in https://ui.perfetto.dev)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -243,10 +245,12 @@ def profile(step, spec: dict) -> None:
         for _ in range(3):
             step()
         sync(spec["device"])
-    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=90)
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=100)
     with open(spec["profile"], "a") as f:
         f.write(f"\n=== {spec['name']} mb{spec['batch']} {spec['side']} {' '.join(spec['overrides'])} (3 steps)\n")
         f.write(table)
+    tag = "-".join([spec["name"], f"mb{spec['batch']}", spec["side"], *spec["overrides"]])
+    prof.export_chrome_trace(f"{spec['profile']}.{re.sub(r'[^A-Za-z0-9_.-]+', '_', tag)}.json")
 
 
 def run_worker(spec: dict) -> dict:
@@ -337,7 +341,7 @@ def main() -> None:
     p.add_argument("--quiet-wait", type=float, default=120,
                    help="most seconds a compiled setting waits for others to finish compiling before it is timed")
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--profile", metavar="FILE", help="append a per-kernel GPU time table of every setting here")
+    p.add_argument("--profile", metavar="FILE", help="append a per-kernel GPU time table of every setting here (and a Chrome trace next to it)")
     p.add_argument("--device", default="cuda", help="cpu: a quick check that the script runs (the tests use it)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
