@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -38,3 +42,13 @@ def trained_run(sample_data, tmp_path_factory):
                        eval_batches=16)
     result = run_training(cfg, progress=False)
     return out, cfg, result
+
+
+def run_under_triton_interpreter(test_file: str, select: str, expect: str) -> None:
+    """Run the tests of ``test_file`` matching ``select`` (-k) in a fresh process with TRITON_INTERPRET=1,
+    so Triton kernels run on the CPU; assert they all ran and passed (``expect``: e.g. "9 passed")."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", test_file, "-k", select],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert expect in run.stdout, run.stdout[-2000:]

@@ -20,6 +20,7 @@ from slm.model import GPT, GPTConfig
 from slm.model.fp8 import E4M3, FP8Linear, fp8_linear, fp8_supported, to_fp8, use_fp8
 from slm.model.loss import linear_cross_entropy
 from slm.model.softmax_grad import linear_softmax_grad_fp8, softmax_grad_fp8
+from tests.conftest import run_under_triton_interpreter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -123,11 +124,7 @@ def test_gelu_fp8_kernels_match_pytorch(bias):
                     or importlib.util.find_spec("triton") is None,
                     reason="on a GPU the kernels are tested directly; without Triton there is no interpreter")
 def test_gelu_fp8_kernels_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", __file__, "-k",
-                          "gelu_fp8_kernels_match"], env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "2 passed" in run.stdout, run.stdout[-2000:]
+    run_under_triton_interpreter(__file__, "gelu_fp8_kernels_match", "2 passed")
 
 
 @pytest.mark.parametrize("recompute", [True, False], ids=["logits-in-kernel", "logits-stored"])

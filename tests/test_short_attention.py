@@ -6,8 +6,6 @@ file again in a process of its own). The interpreter has no bfloat16 matmul: the
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ import torch
 from slm.device import attention_kernel
 from slm.model import GPT, GPTConfig, short_attention
 from slm.model.short_attention import _forward
+from tests.conftest import run_under_triton_interpreter
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,8 +117,4 @@ def test_attention_kernel_turns_the_short_kernel_off_and_back_on():
 @pytest.mark.skipif(INTERPRETED or DEVICE == "cuda" or importlib.util.find_spec("triton") is None,
                     reason="on a GPU the kernels are tested directly; without Triton there is no interpreter")
 def test_kernels_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", __file__, "-k",
-                          "match_pytorch or dropout_mask"], env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "9 passed" in run.stdout, run.stdout[-2000:]
+    run_under_triton_interpreter(__file__, "match_pytorch or dropout_mask", "9 passed")
