@@ -7,6 +7,10 @@ kernels give the same loss and G:
 
     python benchmarks/fp8_loss_kernels.py                        # 8,192 tokens x d_model 384, vocabulary 50,257
     python benchmarks/fp8_loss_kernels.py --shape 8192x256 --vocab 32000
+    python benchmarks/fp8_loss_kernels.py --shape 8192x768              # GPT-2 small (tiles of 64 columns)
+
+It also times what the loss does where no kernel computes the logits: cuBLAS writes them (bf16), then two
+passes read them (``softmax_grad_fp8``).
 
 Needs an NVIDIA GPU with FP8 tensor cores; the Gluon kernels need a Hopper one (H100, H200).
 """
@@ -22,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from slm.model import GPTConfig, softmax_grad, softmax_grad_gluon  # noqa: E402
-from slm.model.fp8 import E4M3, to_fp8  # noqa: E402
+from slm.model.fp8 import E4M3, scaled_mm, to_fp8  # noqa: E402
 
 
 def main(argv=None):
@@ -46,10 +50,13 @@ def main(argv=None):
           f"{m} x {k} tokens, vocabulary {args.vocab} (padded {v})")
 
     out, times = {}, {}
+    # what loss.py does where no kernel computes the logits: cuBLAS writes them in bf16, two passes read them
+    times["whole op, stored logits"] = do_bench(lambda: softmax_grad.softmax_grad_fp8(
+        scaled_mm(x8, x_inv, w8.t(), w_inv, torch.bfloat16, fast_accum=True), y, args.vocab, scale))
     for gluon in (False, True):
         softmax_grad_gluon.enabled = gluon
         if gluon and not softmax_grad_gluon.available(x8, w8, args.vocab):
-            print("the Gluon kernels do not run here (not a Hopper GPU, or d_model not 128/256/384)")
+            print(f"the Gluon kernels do not run here (not a Hopper GPU, or d_model not a multiple of 128 up to {softmax_grad_gluon.MAX_K})")
             break
         out[gluon] = softmax_grad.linear_softmax_grad_fp8(x8, x_inv, w8, w_inv, y, args.vocab, scale)
         times[f"whole op, {'Gluon' if gluon else 'Triton'} kernels"] = do_bench(

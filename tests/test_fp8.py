@@ -195,40 +195,45 @@ def test_softmax_grad_fp8_writes_the_gradient_and_its_transpose(device):
 
 
 @on_both
-@pytest.mark.parametrize("rows, d", [(200, 64), (208, 64), (208, 128)])
+@pytest.mark.parametrize("rows, d", [(200, 64), (208, 64), (208, 128), (208, 768)])
 def test_linear_softmax_grad_fp8_computes_the_logits_itself(device, rows, d):
-    # rows: not a multiple of the tiles; on Hopper 208 x 64 takes the TMA kernel, 208 x 128 the Gluon ones
+    # rows: not a multiple of the tiles; on Hopper 208 x 64 takes the TMA kernel, 208 x 128 and 208 x 768
+    # the Gluon ones (tiles of 128 and 64 columns)
     torch.manual_seed(3)
     x8, x_inv = to_fp8(torch.randn(rows, d, device=device), E4M3)
     w8, w_inv = to_fp8(torch.randn(320, d, device=device) * 0.4 * (64 / d) ** 0.5, E4M3)
     y = targets(rows, device)
     exact_loss, exact = exact_gradient((x8.double() * x_inv) @ (w8.double() * w_inv).t(), y)
     g, g_t, loss = linear_softmax_grad_fp8(x8, x_inv, w8, w_inv, y, 300, 2.0**15)
-    torch.testing.assert_close(loss, exact_loss, rtol=1e-3, atol=1e-3)  # tensor cores: sums of < 24 bits
+    tol = 1e-3 * max(1, d / 128)  # Hopper's FP8 tensor cores sum in fewer than 24 bits: more error with more terms
+    torch.testing.assert_close(loss, exact_loss, rtol=tol, atol=tol)
     check_gradient(g, g_t, y, exact)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need a GPU")
-def test_linear_softmax_grad_fp8_walks_many_tiles_per_program():
+@pytest.mark.parametrize("d", [384, 768])
+def test_linear_softmax_grad_fp8_walks_many_tiles_per_program(d):
     """Each program of the Gluon kernels walks a run of W's tiles through its ring of buffers (the tests
-    above give each program one tile); d_model 384 is the 30M model's."""
+    above give each program one tile); d_model 384 is the 30M model's (tiles of 128 columns), 768 GPT-2
+    small's (tiles of 64)."""
     from slm.model import softmax_grad, softmax_grad_gluon
 
     torch.manual_seed(4)
-    vocab, padded = 5100, 5120  # 40 tiles of 128 columns, the last one with padding
-    x8, x_inv = to_fp8(torch.randn(2048, 384, device="cuda"), E4M3)
-    w8, w_inv = to_fp8(torch.randn(padded, 384, device="cuda") * 0.15, E4M3)
+    vocab, padded = 5100, 5120  # 40 or 80 tiles, the last one with padding
+    x8, x_inv = to_fp8(torch.randn(2048, d, device="cuda"), E4M3)
+    w8, w_inv = to_fp8(torch.randn(padded, d, device="cuda") * 0.15 * (384 / d) ** 0.5, E4M3)
     y = torch.randint(0, vocab, (2048,), device="cuda")
     y[::97] = -1
     logits = (x8.double() * x_inv) @ (w8.double() * w_inv).t()
     exact_loss, exact = exact_gradient(logits, y, vocab)
     g, g_t, loss = linear_softmax_grad_fp8(x8, x_inv, w8, w_inv, y, vocab, 2.0**15)
     # Hopper's FP8 tensor cores sum in less than float32: with K = 384 the loss is off by ~1e-3 of itself
-    assert (loss - exact_loss).abs().max() < 3e-3 * exact_loss.abs().max()
+    assert (loss - exact_loss).abs().max() < 3e-3 * (d / 384) ** 0.5 * exact_loss.abs().max()
     check_gradient(g, g_t, y, exact, vocab)
     if torch.cuda.get_device_capability()[0] == 9:  # Hopper: it was the Gluon kernels, several tiles each
-        assert softmax_grad._CHECKED[(2048, padded, 384, "gluon")]
-        assert softmax_grad_gluon._splits(2048, padded, x8.device) < 40
+        bn = softmax_grad_gluon.tile_n(d)
+        assert softmax_grad._CHECKED[(2048, padded, d, "gluon")]
+        assert softmax_grad_gluon._splits(2048, padded, bn, x8.device) < padded // bn
 
 
 def test_use_fp8_keeps_the_parameters_and_the_eval_path():
@@ -319,25 +324,26 @@ class Hopper:  # compile-only stand-in for the CUDA driver: kernels are built fo
 driver.set_active(Hopper())
 from slm.model import softmax_grad_gluon as sgg
 
-m, v, k = 8192, 50304, 384
-x8, w8 = torch.empty(m, k, dtype=torch.float8_e4m3fn), torch.empty(v, k, dtype=torch.float8_e4m3fn)
+m, v = 8192, 50304
 g, g_t = torch.empty(m, v, dtype=torch.float8_e5m2), torch.empty(v, m, dtype=torch.float8_e5m2)
 inv, rows = torch.ones(()), torch.empty(m)
-x_desc, w_desc = sgg._descriptors(x8, w8)
-kernels = {
-    "lse": sgg._lse_parts_kernel.warmup(x_desc, w_desc, inv, inv, rows, rows, m, v, 50257, 2, K=k, STAGES=2,
-                                        num_warps=sgg.NUM_WARPS, grid=(1,)),
-    "grad": sgg._grad_kernel.warmup(x_desc, w_desc, sgg._desc(g, [sgg.BM, sgg.BN]), sgg._desc(g_t, [sgg.BN, sgg.BM]),
-                                    inv, inv, rows,
-                                    torch.empty(m, dtype=torch.int64), m, v, 50257, 2, 1.0, K=k, STAGES=2,
-                                    num_warps=sgg.NUM_WARPS, grid=(1,)),
-}
 ptxas = os.path.join(os.path.dirname(nvidia_dir), "bin", "ptxas")
-for name, kernel in kernels.items():
-    with open(f"{sys.argv[1]}/{name}.ptx", "w") as f:
-        f.write(kernel.asm["ptx"])
-    log = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-    print(name, kernel.metadata.shared, "spills" if " 0 bytes spill stores" not in log.stderr + log.stdout else "ok")
+for k in (384, sgg.MAX_K):  # 128-column tiles, and the widest x, whose tiles are 64 columns
+    bn = sgg.tile_n(k)
+    x8, w8 = torch.empty(m, k, dtype=torch.float8_e4m3fn), torch.empty(v, k, dtype=torch.float8_e4m3fn)
+    x_desc, w_desc = sgg._descriptors(x8, w8, bn)
+    kernels = {
+        "lse": sgg._lse_parts_kernel.warmup(x_desc, w_desc, inv, inv, rows, rows, m, v, 50257, 2, K=k, BN=bn,
+                                            STAGES=2, num_warps=sgg.NUM_WARPS, grid=(1,)),
+        "grad": sgg._grad_kernel.warmup(x_desc, w_desc, sgg._desc(g, [sgg.BM, bn]), sgg._desc(g_t, [bn, sgg.BM]),
+                                        inv, inv, rows, torch.empty(m, dtype=torch.int64), m, v, 50257, 2, 1.0,
+                                        K=k, BN=bn, STAGES=2, num_warps=sgg.NUM_WARPS, grid=(1,)),
+    }
+    for name, kernel in kernels.items():
+        with open(f"{sys.argv[1]}/{name}{k}.ptx", "w") as f:
+            f.write(kernel.asm["ptx"])
+        log = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+        print(f"{name}{k}", kernel.metadata.shared, "spills" if " 0 bytes spill stores" not in log.stderr + log.stdout else "ok")
 """
 
 
@@ -353,6 +359,8 @@ def test_gluon_loss_kernels_compile_for_hopper_without_spills(tmp_path):
     out = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER, str(tmp_path)], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": src}, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    for line in out.stdout.splitlines()[-2:]:  # "<kernel> <bytes of shared memory> ok|spills"
+    lines = out.stdout.splitlines()[-4:]  # "<kernel><d_model> <bytes of shared memory> ok|spills"
+    assert [line.split()[0] for line in lines] == ["lse384", "grad384", "lse768", "grad768"], out.stdout[-2000:]
+    for line in lines:
         name, shared, spills = line.split()
         assert int(shared) <= 227 * 1024 and spills == "ok", line

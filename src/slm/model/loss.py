@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from slm.model import softmax_grad_gluon
 from slm.model.fp8 import E4M3, col_major, compute_dtype, scaled_mm, to_fp8
 from slm.model.softmax_grad import linear_softmax_grad_fp8, softmax_grad, softmax_grad_fp8
 
@@ -39,7 +40,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             w8_cols = col_major(w8)
             x8_t = x8.t().contiguous() if want_w else None  # grad_w's operand, only when it is wanted
             g_inv = 1.0 / (GRAD_SCALE * n_valid.float())
-            recompute = x.size(1) <= RECOMPUTE_MAX_D and x.size(1) % 32 == 0  # logits made inside the kernels
+            recompute = x.size(1) % 32 == 0 and (  # logits made inside the kernels
+                x.size(1) <= RECOMPUTE_MAX_D or softmax_grad_gluon.takes(x.size(1), x.device))
         for start in range(0, x.size(0), chunk):
             end = min(start + chunk, x.size(0))
             xc, yc = x[start:end], targets[start:end]
@@ -73,7 +75,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 GRAD_SCALE = 2.0**15  # FP8 head: the gradient (softmax - one-hot, within [-1, 1]) times this fills e5m2's range
 # FP8 head: up to this d_model the logits are computed inside the loss kernels, twice, instead of stored and
-# read back (softmax_grad.py; on an H100 that is 13% faster at d_model 384 and 10% slower at 768)
+# read back (softmax_grad.py; on an H100 that is 13% faster at d_model 384 and 10% slower at 768 with the
+# Triton kernels); on Hopper GPUs the Gluon kernels do it up to softmax_grad_gluon.MAX_K
 RECOMPUTE_MAX_D = 512
 
 
