@@ -277,6 +277,28 @@ def test_fp8_on_a_gpu_without_fp8_tensor_cores_trains_in_bf16_with_a_note(sample
     assert "note: training.fp8=all needs FP8 tensor cores" in capsys.readouterr().out
 
 
+def test_fp8_mlp_without_rowwise_scaling_keeps_the_fp8_head_with_a_note(sample_data, tmp_path, monkeypatch,
+                                                                         capsys):
+    """Where PyTorch's _scaled_mm refuses per-row scales (some GPU and build pairs), mlp/all fall back to head."""
+    from slm.model import fp8
+    from slm.train import run_training
+    from slm.train import trainer
+    from tests.conftest import small_config
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")
+
+    monkeypatch.setattr(fp8, "_ROWWISE", {})
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    assert not fp8.rowwise_fp8_supported(torch.device("cpu"))  # what the GPU answered, kept for this device
+    monkeypatch.setattr(trainer, "fp8_supported", lambda device: True)
+    switched = []
+    monkeypatch.setattr(trainer, "use_fp8", lambda model, which: switched.append(which))
+    run_training(small_config(sample_data, tmp_path / "run", fp8="mlp", max_steps=2, warmup_steps=1))
+    assert "note: training.fp8=mlp needs per-row FP8 scales" in capsys.readouterr().out
+    assert switched == ["head"]
+
+
 def test_fp8_is_not_applied_on_a_cpu(sample_data, tmp_path, capsys):
     from slm.train import run_training
     from tests.conftest import small_config

@@ -130,6 +130,27 @@ def fp8_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+_ROWWISE: dict[str, bool] = {}
+
+
+def rowwise_fp8_supported(device: torch.device) -> bool:
+    """Whether ``torch._scaled_mm`` takes one scale per row on this GPU (``training.fp8: mlp/all`` need it).
+
+    It depends on the GPU and the PyTorch build (Hopper: yes; Ada from PyTorch 2.7; some Blackwell cards
+    answer CUBLAS_STATUS_NOT_SUPPORTED), so a tiny product is tried once per device."""
+    key = str(device)
+    if key not in _ROWWISE:
+        try:
+            a = torch.zeros(16, 32, device=device).to(E4M3)
+            b = torch.zeros(16, 32, device=device).to(E4M3).t()
+            ones = torch.ones(16, 1, device=device)
+            torch._scaled_mm(a, b, scale_a=ones, scale_b=ones.t(), out_dtype=torch.bfloat16)
+            _ROWWISE[key] = True
+        except RuntimeError:
+            _ROWWISE[key] = False
+    return _ROWWISE[key]
+
+
 class FP8Linear(nn.Linear):
     """An ``nn.Linear`` whose training matmuls run in FP8 (same parameters and state dict)."""
 

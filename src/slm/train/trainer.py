@@ -31,7 +31,7 @@ from slm.data.tokenizer import get_tokenizer, tokenizer_info
 from slm.device import attention_kernel, autocast, resolve_device, resolve_dtype
 from slm.errors import CheckpointError, ConfigError, TrainingDiverged
 from slm.model import GPT
-from slm.model.fp8 import fp8_supported, use_fp8
+from slm.model.fp8 import fp8_supported, rowwise_fp8_supported, use_fp8
 from slm.plan import auto_micro_batch, gpu_peak_flops
 from slm.train.distributed import (DistributedContext, init_distributed, mean_across_ranks, set_gradient_sync,
                                    shutdown, wrap_model)
@@ -99,7 +99,12 @@ class Trainer:
         self.progress = progress and self.ctx.is_main  # only rank 0 talks and writes
         if tc.fp8 != "none":  # FP8 matmuls while training (fp8.py), where the GPU has them
             if fp8_supported(self.device):
-                use_fp8(self.model, tc.fp8)
+                which = tc.fp8
+                if which in ("mlp", "all") and not rowwise_fp8_supported(self.device):
+                    self._say(f"note: training.fp8={which} needs per-row FP8 scales, which PyTorch {torch.__version__} "
+                              f"does not run on {_device_name(self.device)}; only the output layer trains in FP8")
+                    which = "head"
+                use_fp8(self.model, which)
             else:
                 self._say(f"note: training.fp8={tc.fp8} needs FP8 tensor cores (compute capability 8.9+: L4, L40, "
                           f"H100, H200), which {_device_name(self.device)} lacks; training in {self.dtype} instead")
