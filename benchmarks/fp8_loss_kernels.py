@@ -56,7 +56,8 @@ def main(argv=None):
     for gluon in (False, True):
         softmax_grad_gluon.enabled = gluon
         if gluon and not softmax_grad_gluon.available(x8, w8, args.vocab):
-            print(f"the Gluon kernels do not run here (not a Hopper GPU, or d_model not a multiple of 128 up to {softmax_grad_gluon.MAX_K})")
+            print("the Gluon kernels do not run here (not a Hopper GPU, or d_model not a multiple of 128 up to "
+                  f"{softmax_grad_gluon.MAX_K})")
             break
         out[gluon] = softmax_grad.linear_softmax_grad_fp8(x8, x_inv, w8, w_inv, y, args.vocab, scale)
         times[f"whole op, {'Gluon' if gluon else 'Triton'} kernels"] = do_bench(

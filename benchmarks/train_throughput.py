@@ -341,7 +341,8 @@ def main() -> None:
     p.add_argument("--quiet-wait", type=float, default=120,
                    help="most seconds a compiled setting waits for others to finish compiling before it is timed")
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--profile", metavar="FILE", help="append a per-kernel GPU time table of every setting here (and a Chrome trace next to it)")
+    p.add_argument("--profile", metavar="FILE",
+                   help="append a per-kernel GPU time table of every setting here (and a Chrome trace next to it)")
     p.add_argument("--device", default="cuda", help="cpu: a quick check that the script runs (the tests use it)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()

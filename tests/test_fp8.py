@@ -365,7 +365,8 @@ for k in (384, sgg.MAX_K):  # 128-column tiles, and the widest x, whose tiles ar
         with open(f"{sys.argv[1]}/{name}{k}.ptx", "w") as f:
             f.write(kernel.asm["ptx"])
         log = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-        print(f"{name}{k}", kernel.metadata.shared, "spills" if " 0 bytes spill stores" not in log.stderr + log.stdout else "ok")
+        spills = " 0 bytes spill stores" not in log.stderr + log.stdout
+        print(f"{name}{k}", kernel.metadata.shared, "spills" if spills else "ok")
 """
 
 

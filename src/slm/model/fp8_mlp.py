@@ -154,12 +154,12 @@ def fp8_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torc
     Sizes must be multiples of 16 (the FP8 tensor cores'); token counts that are not run the plain form.
     """
     dtype = compute_dtype(x)
-    cast = [None if t is None else t.to(dtype) for t in (w1, b1, w2, b2)]
     if (x.numel() // x.size(-1)) % 16:
-        return F.linear(F.gelu(F.linear(x.to(dtype), cast[0], cast[1]), approximate="tanh"), cast[2], cast[3])
+        w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (w1, b1, w2, b2))
+        return F.linear(F.gelu(F.linear(x.to(dtype), w1, b1), approximate="tanh"), w2, b2)
     with torch.autocast(x.device.type, enabled=False):
         y = _FP8MLP.apply(x.reshape(-1, x.size(-1)).to(dtype), w1, b1, w2).view(*x.shape[:-1], w2.size(0))
-        return y if b2 is None else y + cast[3]
+        return y if b2 is None else y + b2.to(dtype)
 
 
 if triton is not None:

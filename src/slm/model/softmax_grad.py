@@ -24,9 +24,9 @@ the log-sum-exp, once for G), so the logits are never written to memory nor read
 that is cheaper than storing them (per 8,192 x 50,304 chunk on an H100: 1.35 ms against 1.56 ms for
 cuBLAS's logits + the two kernels above); with d_model 768 the matmuls cost more than the memory they save
 (1.97 against 1.78 ms, measured with an earlier form of the gradient kernel), so loss.py uses it only up to
-``RECOMPUTE_MAX_D`` (and, on Hopper, up to the Gluon kernels' 768, below). Its gradient kernel writes the row-major tile of G, then reads it back and stores it
-transposed: a transposed pointer store of values taken straight from the matmul's accumulator came out
-wrong with Triton 3.6 (benchmarks/RESULTS.md). On Hopper GPUs (H100, H200) a second form of that kernel
+``RECOMPUTE_MAX_D`` (and, on Hopper, up to the Gluon kernels' 768, below). Its gradient kernel writes the
+row-major tile of G, then reads it back and stores it transposed: a transposed pointer store of values
+taken straight from the matmul's accumulator came out wrong with Triton 3.6 (benchmarks/RESULTS.md). On Hopper GPUs (H100, H200) a second form of that kernel
 is used instead where shapes allow: persistent (one program per SM) and moving its tiles with the TMA copy
 engine, which stores G's tile and its transpose straight from registers (9% faster per chunk). Faster
 still, where d_model is a multiple of 128 up to 768 on Hopper, both passes run as Gluon kernels that

@@ -60,10 +60,8 @@ def available(x8: torch.Tensor, w8: torch.Tensor, vocab_size: int) -> bool:
     """Whether these kernels can run: Gluon, a Hopper GPU (compute capability 9.x), d_model a multiple of
     BK up to MAX_K (shared memory holds x's block and the ring), 16-byte aligned rows for the TMA engine,
     and padding columns (vocab_size..V) within the last tile."""
-    if not enabled or gluon is None or not x8.is_cuda or torch.cuda.get_device_capability(x8.device)[0] != 9:
-        return False
     (m, k), v = x8.shape, w8.size(0)
-    return (k % BK == 0 and k <= MAX_K and m % 16 == 0 and v % 16 == 0 and v - vocab_size < tile_n(k)
+    return (takes(k, x8.device) and m % 16 == 0 and v % 16 == 0 and v - vocab_size < tile_n(k)
             and x8.data_ptr() % 16 == 0 and w8.data_ptr() % 16 == 0)
 
 
