@@ -25,7 +25,39 @@ def losses(run_dir):
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-def test_nan_step_is_skipped_and_counted(sample_data, tmp_path, monkeypatch):
+@pytest.fixture(params=["scaler", "fused"])
+def step_path(request, monkeypatch):
+    """Both ways a step is clipped and skipped: through the GradScaler (fp16, unfused optimizers), or inside
+    a fused AdamW (bf16/fp32 on a GPU; fused AdamW runs on the CPU too). Yields whether the fold was used."""
+    from slm.model import GPT
+    from slm.train.trainer import Trainer
+
+    if request.param == "fused":
+        real = GPT.configure_optimizer
+        monkeypatch.setattr(GPT, "configure_optimizer", lambda self, *a, fused=None: real(self, *a, fused=True))
+    used = []
+    real_can = Trainer._can_fold_clip
+    monkeypatch.setattr(Trainer, "_can_fold_clip", lambda self: used.append(real_can(self)) or used[-1])
+    yield used
+    assert used and all(used) == (request.param == "fused")
+
+
+def test_folded_clip_steps_like_clip_grad_norm(sample_data, tmp_path, monkeypatch):
+    from slm.model import GPT
+    from slm.train.trainer import Trainer
+
+    real = GPT.configure_optimizer
+    monkeypatch.setattr(GPT, "configure_optimizer", lambda self, *a, fused=None: real(self, *a, fused=True))
+    folded = run_training(small_config(sample_data, tmp_path / "a", max_steps=12, grad_clip=0.05), progress=False)
+    monkeypatch.setattr(Trainer, "_can_fold_clip", lambda self: False)
+    plain = run_training(small_config(sample_data, tmp_path / "b", max_steps=12, grad_clip=0.05), progress=False)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert a.keys() == b.keys() and a[12] < a[1]
+    assert all(a[k] == pytest.approx(b[k], rel=1e-4) for k in a)
+    assert folded["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-4)
+
+
+def test_nan_step_is_skipped_and_counted(sample_data, tmp_path, monkeypatch, step_path):
     from slm.model import GPT
 
     real_forward, calls = GPT.forward, {"n": 0}
@@ -47,7 +79,7 @@ def test_nan_step_is_skipped_and_counted(sample_data, tmp_path, monkeypatch):
     assert np.isfinite(result["val_loss"])
 
 
-def test_training_stops_after_too_many_bad_steps(sample_data, tmp_path, monkeypatch):
+def test_training_stops_after_too_many_bad_steps(sample_data, tmp_path, monkeypatch, step_path):
     from slm.model import GPT
 
     real_forward = GPT.forward

@@ -127,6 +127,10 @@ class Trainer:
         self.fp16 = self.dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**16 if self.fp16 else 1.0,
                                            growth_interval=2000 if self.fp16 else 2**30)
+        # bf16/fp32 with a fused optimizer: the clip's scaling and the skip of a non-finite step happen inside the
+        # optimizer's kernel (its grad_scale and found_inf inputs) instead of as passes over every gradient
+        self.fold_clip = self._can_fold_clip()
+        self.found_inf_steps = torch.zeros((), device=self.device)  # steps skipped since the last check (fold_clip)
         self.skipped_steps = 0  # steps skipped for non-finite loss or gradients
         self.bad_in_a_row = 0
         self.model_state = self.model.state_dict  # what checkpoints store (a fine-tune stores only its adapters)
@@ -233,10 +237,17 @@ class Trainer:
         self.step, self.tokens_seen, self.best_val_loss = state["step"], state["tokens_seen"], state["best_val_loss"]
         self._say(f"resumed from {path} at step {self.step:,} ({self.tokens_seen:,} tokens seen)")
 
+    def _can_fold_clip(self) -> bool:
+        """Whether clip + step run as one optimizer kernel (not for fp16's loss scaling, nor FSDP's sharded norm)."""
+        return not self.fp16 and not self.fsdp and getattr(self.optimizer, "_step_supports_amp_scaling", False)
+
     def _check_finite(self, last_loss: float, window: int) -> None:
         """Count the steps skipped since the last check; stop after ``max_bad_steps`` in a row."""
         if self.fp16:  # the scaler's own overflow skips are routine; only a non-finite loss is a fault
             bad = 0 if math.isfinite(last_loss) else 1
+        elif self.fold_clip:
+            bad = int(self.found_inf_steps.item())
+            self.found_inf_steps.zero_()
         else:
             bad = round(math.log2(1.0 / self.scaler.get_scale()))
             self.scaler.update(1.0)
@@ -267,15 +278,24 @@ class Trainer:
             x, y = self.train_loader.get_batch(self.step, micro)
             _, loss = self._forward(x, y)
             loss = loss / tc.gradient_accumulation_steps
-            self.scaler.scale(loss).backward()
+            (loss if self.fold_clip else self.scaler.scale(loss)).backward()
             loss_sum += loss.detach()
 
         # clip, step, clear
-        self.scaler.unscale_(self.optimizer)
-        self.logger.log_gradients(self.model, self.step + 1)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or float("inf"))
-        self.scaler.step(self.optimizer)  # skipped when a gradient is not finite
-        self.scaler.update()
+        if self.fold_clip:  # the fused optimizer divides the gradients by grad_scale and skips a step with found_inf
+            self.logger.log_gradients(self.model, self.step + 1)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+            # clip_grad_norm_'s factor, min(1, grad_clip / (norm + 1e-6)), as a divisor
+            self.optimizer.grad_scale = ((grad_norm + 1e-6) / tc.grad_clip).clamp(min=1.0) if tc.grad_clip else None
+            self.optimizer.found_inf = (~grad_norm.isfinite()).float()
+            self.optimizer.step()
+            self.found_inf_steps += self.optimizer.found_inf
+        else:
+            self.scaler.unscale_(self.optimizer)
+            self.logger.log_gradients(self.model, self.step + 1)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or float("inf"))
+            self.scaler.step(self.optimizer)  # skipped when a gradient is not finite
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
