@@ -13,8 +13,9 @@ kernels do them in passes that exist anyway:
   magnitude and writes the FP8 row and its scale, the only form proj needs. The bf16 activation is never
   written (plain PyTorch writes it, and saves it for backward).
 - backward, ``gelu_backward_fp8``: reads the gradient of the GELU's output and fc's saved output once,
-  writes the gradient of fc's output in bf16 (for W1's gradient and b1's) and in FP8 (for x's), and the
-  GELU's output again in bf16 (for W2's gradient), recomputed instead of kept from forward.
+  writes the gradient of fc's output in bf16 (for W1's gradient) and in FP8 (for x's), and the GELU's
+  output again in bf16 (for W2's gradient), recomputed instead of kept from forward; b1's gradient, that
+  gradient's sum over tokens, is added up on the way (per program, then the programs' sums).
 
 Without a GPU (or Triton) the same functions run in PyTorch, which is also what the tests compare the
 kernels against (on the CPU through Triton's interpreter).
@@ -45,11 +46,18 @@ def _kernels(t: torch.Tensor) -> bool:
             and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
 
-def _warps(width: int, per_thread: int) -> tuple[int, int]:
-    """(padded row width, warps) for one row per program and about ``per_thread`` values per thread: the
-    fastest on an H200 at width 3,072 were 32 (forward, 119 us per 32,768 rows) and 8 (backward, 288 us)."""
+def _launch(m: int, width: int, per_thread: int, rows: int) -> dict:
+    """Grid and block sizes: ``rows`` rows per program (fewer where ``m`` needs it), about ``per_thread`` values
+    of a padded row per thread (at most 16 warps). FWD and BWD below were the fastest of 24 pairs on an H200 at
+    32,768 x 3,072 (RESULTS.md): forward 105 us; backward 336 us with b1's gradient (288 + 67 us before,
+    one row per program and the sum as a pass of its own). More rows per program mean fewer partial sums."""
     bf = triton.next_power_of_2(width)
-    return bf, max(1, min(16, bf // (32 * per_thread)))
+    rows = math.gcd(m, rows)
+    return dict(grid=(m // rows,), BF=bf, ROWS=rows, num_warps=max(1, min(16, bf // (32 * per_thread))))
+
+
+FWD = dict(per_thread=32, rows=1)
+BWD = dict(per_thread=8, rows=32)
 
 
 @torch.library.custom_op("slm::bias_gelu_fp8", mutates_args=())
@@ -61,10 +69,10 @@ def bias_gelu_fp8(pre: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.T
     if not _kernels(pre):
         return bias_gelu_fp8_torch(pre, bias)
     pre = pre.contiguous()
-    (m, f), (bf, warps) = pre.shape, _warps(pre.size(1), 32)
+    (m, f), launch = pre.shape, _launch(*pre.shape, **FWD)
     h8, inv = _gelu_outputs(pre, bias)
-    _bias_gelu_fp8_kernel[(m,)](pre, pre if bias is None else bias, h8, inv, m, f, HAS_BIAS=bias is not None,
-                                BF=bf, FAST=pre.is_cuda, num_warps=warps)
+    _bias_gelu_fp8_kernel[launch.pop("grid")](pre, pre if bias is None else bias, h8, inv, f,
+                                              HAS_BIAS=bias is not None, FAST=pre.is_cuda, **launch)
     return h8, inv
 
 
@@ -75,26 +83,28 @@ def _gelu_outputs(pre, bias):
 
 @torch.library.custom_op("slm::gelu_backward_fp8", mutates_args=())
 def gelu_backward_fp8(grad: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor | None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of ``bias_gelu_fp8``, given the gradient of its output (M, F).
 
     Returns (gradient of pre in grad's dtype, the same as e4m3 row by row, its inverse scales (M, 1),
-    gelu(pre + bias) in grad's dtype).
+    gelu(pre + bias) in grad's dtype, the bias's gradient (F,) float32: that gradient summed over rows).
     """
     if not _kernels(pre):
         return gelu_backward_fp8_torch(grad, pre, bias)
     grad, pre = grad.contiguous(), pre.contiguous()
-    (m, f), (bf, warps) = pre.shape, _warps(pre.size(1), 8)
-    dz, dz8, inv, h = _gelu_backward_outputs(grad, pre, bias)
-    _gelu_backward_fp8_kernel[(m,)](grad, pre, pre if bias is None else bias, dz, dz8, inv, h, m, f,
-                                    HAS_BIAS=bias is not None, BF=bf, FAST=pre.is_cuda, num_warps=warps)
-    return dz, dz8, inv, h
+    (m, f), launch = pre.shape, _launch(*pre.shape, **BWD)
+    dz, dz8, inv, h, _ = _gelu_backward_outputs(grad, pre, bias)
+    sums = pre.new_empty((launch["grid"][0], f), dtype=torch.float32)  # column sums of each program's rows
+    _gelu_backward_fp8_kernel[launch.pop("grid")](grad, pre, pre if bias is None else bias, dz, dz8, inv, h, sums,
+                                                  f, HAS_BIAS=bias is not None, FAST=pre.is_cuda, **launch)
+    return dz, dz8, inv, h, sums.sum(0)
 
 
 @gelu_backward_fp8.register_fake
 def _gelu_backward_outputs(grad, pre, bias):
     return (torch.empty_like(grad), grad.new_empty(grad.shape, dtype=E4M3),
-            grad.new_empty((grad.size(0), 1), dtype=torch.float32), torch.empty_like(grad))
+            grad.new_empty((grad.size(0), 1), dtype=torch.float32), torch.empty_like(grad),
+            grad.new_empty(grad.size(1), dtype=torch.float32))
 
 
 def bias_gelu_fp8_torch(pre: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,11 +113,11 @@ def bias_gelu_fp8_torch(pre: torch.Tensor, bias: torch.Tensor | None) -> tuple[t
 
 
 def gelu_backward_fp8_torch(grad: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor | None
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``gelu_backward_fp8`` in PyTorch."""
     z = _add_bias(pre, bias)
     dz = torch.ops.aten.gelu_backward(grad.float(), z, approximate="tanh")
-    return dz.to(grad.dtype), *to_fp8_rows(dz), F.gelu(z, approximate="tanh").to(grad.dtype)
+    return dz.to(grad.dtype), *to_fp8_rows(dz), F.gelu(z, approximate="tanh").to(grad.dtype), dz.sum(0)
 
 
 def _add_bias(pre: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -130,18 +140,17 @@ class _FP8MLP(torch.autograd.Function):
     def backward(ctx, grad):
         x, w1, b1, w2, pre = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2 = ctx.needs_input_grad
-        grad_x = grad_w1 = grad_b1 = grad_w2 = None
-        g8, g_inv = to_fp8_rows(grad)
+        grad_x = grad_w1 = grad_w2 = None
+        g8, g_inv = to_fp8_rows(grad)  # torch.compile fuses this cast, and b2's gradient, into one pass
         w2t_8, w2t_inv = to_fp8_rows(w2.t())  # (F, D): scales per column of the gradient below
         grad_h = scaled_mm(g8, g_inv, w2t_8.contiguous().t(), w2t_inv.t(), grad.dtype)  # (M, D) @ (D, F)
-        grad_pre, grad_pre8, grad_pre_inv, h = gelu_backward_fp8(grad_h, pre, b1)
+        grad_pre, grad_pre8, grad_pre_inv, h, grad_b1 = gelu_backward_fp8(grad_h, pre, b1)
         if need_x:
             w1t_8, w1t_inv = to_fp8_rows(w1.t())  # (D, F)
             grad_x = scaled_mm(grad_pre8, grad_pre_inv, w1t_8.contiguous().t(), w1t_inv.t(), grad.dtype)
         if need_w1:  # the weight gradients in the compute dtype
             grad_w1 = (grad_pre.t() @ x).to(w1.dtype)
-        if need_b1:
-            grad_b1 = grad_pre.float().sum(0).to(b1.dtype)
+        grad_b1 = grad_b1.to(b1.dtype) if need_b1 else None
         if need_w2:
             grad_w2 = (grad.t() @ h).to(w2.dtype)
         return grad_x, grad_w1, grad_b1, grad_w2
@@ -175,13 +184,6 @@ if triton is not None:
         return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)  # +-1 at the extremes (exp overflowing to inf is fine)
 
     @triton.jit
-    def _z(pre_ptr, bias_ptr, offsets, cols, inside, HAS_BIAS: tl.constexpr):
-        z = tl.load(pre_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-        return z
-
-    @triton.jit
     def _store_fp8_row(v, out_ptr, inv_ptr, row, offsets, inside):
         """The row ``v`` scaled so its largest magnitude is e4m3's largest value, cast and stored."""
         scale = _E4M3_MAX / tl.maximum(tl.max(tl.where(inside, tl.abs(v), 0.0), 0), 1e-12)
@@ -190,25 +192,37 @@ if triton is not None:
         tl.store(inv_ptr + row, 1.0 / scale)
 
     @triton.jit
-    def _bias_gelu_fp8_kernel(pre_ptr, bias_ptr, h8_ptr, inv_ptr, M, F, HAS_BIAS: tl.constexpr, BF: tl.constexpr,
-                              FAST: tl.constexpr):
-        """One row per program: gelu(pre + bias), cast with the row's own scale."""
-        row, cols = tl.program_id(0).to(tl.int64), tl.arange(0, BF)
-        offsets, inside = row * F + cols, cols < F
-        z = _z(pre_ptr, bias_ptr, offsets, cols, inside, HAS_BIAS)
-        h = 0.5 * z * (1.0 + _tanh(_K * (z + _C * z * z * z), FAST))
-        _store_fp8_row(h, h8_ptr, inv_ptr, row, offsets, inside)
+    def _bias_gelu_fp8_kernel(pre_ptr, bias_ptr, h8_ptr, inv_ptr, F, HAS_BIAS: tl.constexpr, BF: tl.constexpr,
+                              ROWS: tl.constexpr, FAST: tl.constexpr):
+        """ROWS rows per program, each: gelu(pre + bias), cast with the row's own scale."""
+        cols = tl.arange(0, BF)
+        inside = cols < F
+        b = tl.load(bias_ptr + cols, mask=inside, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+        for r in range(ROWS):
+            row = tl.program_id(0).to(tl.int64) * ROWS + r
+            offsets = row * F + cols
+            z = tl.load(pre_ptr + offsets, mask=inside, other=0.0).to(tl.float32) + b
+            h = 0.5 * z * (1.0 + _tanh(_K * (z + _C * z * z * z), FAST))
+            _store_fp8_row(h, h8_ptr, inv_ptr, row, offsets, inside)
 
     @triton.jit
-    def _gelu_backward_fp8_kernel(grad_ptr, pre_ptr, bias_ptr, dz_ptr, dz8_ptr, inv_ptr, h_ptr, M, F,
-                                  HAS_BIAS: tl.constexpr, BF: tl.constexpr, FAST: tl.constexpr):
-        """One row per program: the GELU's output again, and the gradient of its input, also cast."""
-        row, cols = tl.program_id(0).to(tl.int64), tl.arange(0, BF)
-        offsets, inside = row * F + cols, cols < F
-        z = _z(pre_ptr, bias_ptr, offsets, cols, inside, HAS_BIAS)
-        t = _tanh(_K * (z + _C * z * z * z), FAST)
-        tl.store(h_ptr + offsets, (0.5 * z * (1.0 + t)).to(h_ptr.dtype.element_ty), mask=inside)
-        slope = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _K * (1.0 + 3.0 * _C * z * z)
-        dz = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32) * slope
-        tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=inside)
-        _store_fp8_row(dz, dz8_ptr, inv_ptr, row, offsets, inside)
+    def _gelu_backward_fp8_kernel(grad_ptr, pre_ptr, bias_ptr, dz_ptr, dz8_ptr, inv_ptr, h_ptr, sums_ptr, F,
+                                  HAS_BIAS: tl.constexpr, BF: tl.constexpr, ROWS: tl.constexpr, FAST: tl.constexpr):
+        """ROWS rows per program, each: the GELU's output again, the gradient of its input, also cast; and the
+        sum of those gradients over the program's rows (the bias's gradient, in parts)."""
+        cols = tl.arange(0, BF)
+        inside = cols < F
+        b = tl.load(bias_ptr + cols, mask=inside, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+        total = tl.zeros([BF], tl.float32)
+        for r in range(ROWS):
+            row = tl.program_id(0).to(tl.int64) * ROWS + r
+            offsets = row * F + cols
+            z = tl.load(pre_ptr + offsets, mask=inside, other=0.0).to(tl.float32) + b
+            t = _tanh(_K * (z + _C * z * z * z), FAST)
+            tl.store(h_ptr + offsets, (0.5 * z * (1.0 + t)).to(h_ptr.dtype.element_ty), mask=inside)
+            slope = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _K * (1.0 + 3.0 * _C * z * z)
+            dz = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32) * slope
+            tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=inside)
+            _store_fp8_row(dz, dz8_ptr, inv_ptr, row, offsets, inside)
+            total += dz
+        tl.store(sums_ptr + tl.program_id(0).to(tl.int64) * F + cols, total, mask=inside)
