@@ -43,7 +43,7 @@ def test_fp8_linear_is_close_to_the_exact_matmuls():
     assert 0 < rel_err(out, ref) < 0.08  # e4m3 keeps 3 mantissa bits: a few percent, not exact
     assert 0 < rel_err(grads[0], ref_grads[0]) < 0.1
     torch.testing.assert_close(grads[1], ref_grads[1])  # the weight gradient runs in the compute dtype
-    torch.testing.assert_close(grads[2], ref_grads[2])  # the bias is added outside the FP8 matmul
+    torch.testing.assert_close(grads[2], ref_grads[2])  # the bias's gradient: the gradient summed, exactly
     # token counts that are not a multiple of 16 fall back to the exact matmul
     odd = torch.randn(3, 5, 64)
     torch.testing.assert_close(fp8_linear(odd, w, b), F.linear(odd, w, b))
@@ -56,6 +56,14 @@ def test_fp8_linear_scales_each_row_on_its_own():
     w = torch.randn(48, 64) * 0.05
     out, ref = fp8_linear(x, w), F.linear(x, w)
     assert rel_err(out[1:], ref[1:]) < 0.06 and rel_err(out[:1], ref[:1]) < 0.06
+
+
+def assert_fp8_close(got, want):
+    """The same bytes, but where float rounding differs: the interpreter's e4m3 cast is off by a step where it
+    rounds up to a power of 2: a few values one step apart, none further."""
+    got, want = got.float(), want.float()
+    assert (got == want).float().mean() > 0.95
+    assert ((got - want).abs() <= 0.5 * want.abs() + 2**-9).all()
 
 
 def mlp_inputs(rows=64, d=64, f=256, bias=True):
@@ -90,14 +98,60 @@ def test_fp8_mlp_is_close_to_the_exact_mlp(bias):
                                F.linear(F.gelu(F.linear(odd, w1, b1), approximate="tanh"), w2, b2))
 
 
-@pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs a GPU or the Triton interpreter (see the next test)")
 @pytest.mark.parametrize("bias", [True, False])
-def test_gelu_fp8_kernels_match_pytorch(bias):
-    from slm.model import fp8_mlp
+def test_fp8_qkv_is_close_to_the_exact_linear(bias):
+    from slm.model.fp8_qkv import fp8_qkv
 
     torch.manual_seed(0)
-    rows, width = 100, 3072  # one row per program; the width padded to a power of 2 (4096) inside
+    x = torch.randn(2, 32, 64, requires_grad=True)
+    w = (torch.randn(192, 64) * 0.05).requires_grad_()
+    b = torch.randn(192, requires_grad=True) if bias else None
+    params = [t for t in (x, w, b) if t is not None]
+    ref = F.linear(x, w, b).split(64, dim=-1)
+    grads_out = [torch.randn_like(r) for r in ref]
+    ref_grads = torch.autograd.grad(ref, params, grads_out)
+    out = fp8_qkv(x, w, b)
+    assert [o.shape for o in out] == [r.shape for r in ref]
+    assert all(0 < rel_err(o, r) < 0.06 for o, r in zip(out, ref))  # e4m3 inputs, the bias added exactly
+    grads = torch.autograd.grad(out, params, grads_out)
+    assert 0 < rel_err(grads[0], ref_grads[0]) < 0.1  # through the FP8 input-gradient matmul
+    torch.testing.assert_close(grads[1], ref_grads[1])  # W's gradient in the compute dtype
+    if bias:
+        torch.testing.assert_close(grads[2], ref_grads[2])
+    q_only = torch.autograd.grad(fp8_qkv(x, w, b)[0].sum(), x)[0]  # k and v unused: their gradients are zeros
+    assert 0 < rel_err(q_only, torch.autograd.grad(F.linear(x, w, b)[..., :64].sum(), x)[0]) < 0.1
+    odd = torch.randn(3, 5, 64)  # token counts that are not a multiple of 16: the exact matmul
+    for o, r in zip(fp8_qkv(odd, w, b), F.linear(odd, w, b).split(64, dim=-1)):
+        torch.testing.assert_close(o, r)
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs a GPU or the Triton interpreter (test_fp8_kernels_under_the_triton_interpreter)")
+def test_qkv_grad_fp8_kernel_matches_pytorch():
+    from slm.model import fp8_qkv
+
+    torch.manual_seed(0)
+    rows, d = 100, 768  # 16 rows per program: 4 (what divides 100); the width padded to 1024 inside
+    parts = [(torch.randn(rows, d, device=DEVICE) * s).to(torch.bfloat16) for s in (1, 3, 0.5)]
+    parts[1][7] *= 100  # one row's largest value in k: the row's q and v use that scale too
+    for got, want in zip(fp8_qkv.qkv_grad_fp8(*parts), fp8_qkv.qkv_grad_fp8_torch(*parts)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        if got.dtype == torch.float8_e4m3fn:
+            assert_fp8_close(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs a GPU or the Triton interpreter (see the next test)")
+@pytest.mark.parametrize("bias,rows_per_program", [(True, 1), (False, 1), (True, 8)])
+def test_gelu_fp8_kernels_match_pytorch(bias, rows_per_program, monkeypatch):
+    from slm.model import fp8_mlp
+
+    for launch in ("FWD", "BWD"):
+        monkeypatch.setitem(getattr(fp8_mlp, launch), "rows", rows_per_program)
+    torch.manual_seed(0)
+    rows, width = 100, 3072  # 8 rows per program: 4 (what divides 100); the width padded to 4096 inside
     pre = (torch.randn(rows, width, device=DEVICE) * 2).to(torch.bfloat16)
     grad = torch.randn(rows, width, device=DEVICE).to(torch.bfloat16)
     b = torch.randn(width, device=DEVICE) * 0.1 if bias else None
@@ -106,16 +160,12 @@ def test_gelu_fp8_kernels_match_pytorch(bias):
                                      (fp8_mlp.gelu_backward_fp8, fp8_mlp.gelu_backward_fp8_torch, (grad, pre, b))):
         for got, want in zip(kernel(*args), torch_form(*args)):
             assert got.shape == want.shape and got.dtype == want.dtype
-            if got.dtype == torch.float8_e4m3fn:  # the same bytes, but where float rounding differs
-                got, want = got.float(), want.float()
-                # the GPU's fast tanh rounds differently; the interpreter's e4m3 cast is off by a step where it
-                # rounds up to a power of 2: a few values one step apart, none further
-                assert (got == want).float().mean() > 0.95
-                assert ((got - want).abs() <= 0.5 * want.abs() + 2**-9).all()
+            if got.dtype == torch.float8_e4m3fn:  # the GPU's fast tanh rounds differently
+                assert_fp8_close(got, want)
             else:
                 # bf16 outputs to bf16 precision; the float32 inverse scales come from row maxima that the
-                # GPU's fast tanh moves by ~1e-5 (relative)
-                exact = got.dtype == torch.float32
+                # GPU's fast tanh moves by ~1e-5 (relative); the bias's gradient sums 100 rows of them
+                exact = got.dtype == torch.float32 and got.dim() == 2
                 torch.testing.assert_close(got.float(), want.float(), rtol=1e-3 if exact else 1e-2,
                                            atol=0 if exact else 1e-2)
 
@@ -123,8 +173,8 @@ def test_gelu_fp8_kernels_match_pytorch(bias):
 @pytest.mark.skipif(DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
                     or importlib.util.find_spec("triton") is None,
                     reason="on a GPU the kernels are tested directly; without Triton there is no interpreter")
-def test_gelu_fp8_kernels_under_the_triton_interpreter():
-    run_under_triton_interpreter(__file__, "gelu_fp8_kernels_match", "2 passed")
+def test_fp8_kernels_under_the_triton_interpreter():
+    run_under_triton_interpreter(__file__, "gelu_fp8_kernels_match or qkv_grad_fp8_kernel", "4 passed")
 
 
 @pytest.mark.parametrize("recompute", [True, False], ids=["logits-in-kernel", "logits-stored"])
@@ -237,7 +287,8 @@ def test_linear_softmax_grad_fp8_walks_many_tiles_per_program(d):
 
 
 def test_use_fp8_keeps_the_parameters_and_the_eval_path():
-    cfg = GPTConfig(vocab_size=100, context_length=16, n_layers=2, n_heads=2, d_model=32, d_ff=64, dropout=0.0,
+    # 144 tokens: beyond short_attention's 128, where fp8: all runs qkv through fp8_qkv
+    cfg = GPTConfig(vocab_size=100, context_length=144, n_layers=2, n_heads=2, d_model=32, d_ff=64, dropout=0.0,
                     vocab_multiple=16)
     torch.manual_seed(0)
     plain = GPT(cfg)
@@ -247,8 +298,9 @@ def test_use_fp8_keeps_the_parameters_and_the_eval_path():
     assert use_fp8(fp8, "mlp") == 1 + 2 * cfg.n_layers and all(b.mlp.fp8 for b in fp8.blocks)  # + fc, proj
     assert not any(isinstance(m, FP8Linear) for m in fp8.modules())
     assert use_fp8(fp8, "all") == 1 + 4 * cfg.n_layers  # the head, and qkv, proj, fc, proj in each block
+    assert all(b.attn.fp8 and type(b.attn.proj) is FP8Linear for b in fp8.blocks)
     assert fp8.state_dict().keys() == plain.state_dict().keys()
-    x = torch.randint(0, 100, (2, 16))
+    x = torch.randint(0, 100, (2, 144))
     with torch.no_grad():  # evaluation and generation stay exact
         torch.testing.assert_close(fp8(x, x)[1], plain(x, x)[1])
     loss8, loss = fp8(x, x)[1], plain(x, x)[1]  # training: FP8, close

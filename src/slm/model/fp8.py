@@ -12,7 +12,7 @@ state and everything outside the matmuls stay as they were. Two recipes:
     training.fp8: none   every matmul in bf16 (the default)
     training.fp8: head   only the output layer, the largest matmul of a small model
     training.fp8: mlp    the output layer and every block's MLP (fc -> GELU -> proj, casts fused into the GELU)
-    training.fp8: all    and also the attention's Linear layers (qkv, proj)
+    training.fp8: all    and also the attention's Linear layers (qkv through fp8_qkv.py, proj)
 
 It pays where the matmuls are large enough to outweigh the casts around them. On an H100 the output layer
 gained 11% of the step at 30M and 6.5% at 124M; on an H200 the MLPs gain another 3.7% at 124M
@@ -43,16 +43,18 @@ def to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
 
 
 def scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
-              out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
-    """(a * a_inv) @ (b * b_inv) from fp8 ``a`` (row-major) and ``b`` (column-major).
+              out_dtype: torch.dtype, fast_accum: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(a * a_inv) @ (b * b_inv) (+ ``bias``, in ``out_dtype``) from fp8 ``a`` (row-major) and ``b`` (column-major).
 
     ``fast_accum``: let the tensor cores keep their own (lower-precision) running sums instead of adding
     them into float32 every few steps: 4-15% faster on an H100 for the output layer's matmuls, whose error
     (relative, against float32 sums of the same fp8 inputs) goes from 1.7e-3 to at most 2.9e-3
     (benchmarks/fp8_matmul.py, RESULTS.md). torchao uses it for forward matmuls too."""
-    if a.device.type == "cpu" and a_inv.numel() > 1:  # PyTorch's CPU kernel took one scale per tensor up to 2.11
-        return ((a.float() * a_inv) @ (b.float() * b_inv)).to(out_dtype)
-    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
+    if a.device.type == "cpu" and (a_inv.numel() > 1 or bias is not None):  # beyond PyTorch's CPU kernel up to 2.11
+        out = (a.float() * a_inv) @ (b.float() * b_inv)
+        return (out if bias is None else out + bias.float()).to(out_dtype)
+    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, bias=bias, out_dtype=out_dtype,
+                            use_fast_accum=fast_accum)
 
 
 def col_major(t: torch.Tensor) -> torch.Tensor:
@@ -82,24 +84,28 @@ class _FP8Linear(torch.autograd.Function):
     high-precision grad_weight"."""
 
     @staticmethod
-    def forward(ctx, x, weight):
-        # x: (M, K) in the compute dtype; weight: (N, K), the master weight (float32 under autocast)
+    def forward(ctx, x, weight, bias):
+        # x: (M, K) in the compute dtype; weight: (N, K), bias: (N,) or None: master weights (float32 under autocast)
         x8, x_inv = to_fp8_rows(x)
         w8, w_inv = to_fp8_rows(weight)  # scale per output feature
         ctx.save_for_backward(x, weight)
-        return scaled_mm(x8, x_inv, w8.t(), w_inv.t(), x.dtype, fast_accum=True)
+        ctx.has_bias = bias is not None
+        return scaled_mm(x8, x_inv, w8.t(), w_inv.t(), x.dtype, fast_accum=True,
+                         bias=None if bias is None else bias.to(x.dtype))  # the bias added in the matmul's epilogue
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        grad_x = grad_w = None
+        grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:  # (M, N) @ (N, K): grad scaled per token, weight per input feature
             g8, g_inv = to_fp8_rows(grad)
             wt8, wt_inv = to_fp8_rows(weight.t())
             grad_x = scaled_mm(g8, g_inv, wt8.contiguous().t(), wt_inv.t(), grad.dtype)
         if ctx.needs_input_grad[1]:  # (N, M) @ (M, K) in the compute dtype
             grad_w = (grad.t() @ x).to(weight.dtype)
-        return grad_x, grad_w
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.float().sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -115,9 +121,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if (x.numel() // x.size(-1)) % 16:  # the FP8 kernels need every dimension, tokens too, in multiples of 16
         return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     with torch.autocast(x.device.type, enabled=False):
-        y = _FP8Linear.apply(x.reshape(-1, x.size(-1)).to(dtype), weight)
-        y = y.view(*x.shape[:-1], weight.size(0))
-        return y if bias is None else y + bias.to(dtype)
+        return _FP8Linear.apply(x.reshape(-1, x.size(-1)).to(dtype), weight, bias).view(*x.shape[:-1], weight.size(0))
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -176,8 +180,11 @@ def use_fp8(model: nn.Module, which: str) -> int:
                 part.fp8 = True  # fc and proj together, the casts fused into the GELU
                 switched += 2
                 continue
-            for module in part.modules():  # the attention's Linears, or the Linears inside LoRA adapters
-                if type(module) is nn.Linear and _fits(module):
+            if part is block.attn and type(part.qkv) is nn.Linear and _fits(part.qkv):
+                part.fp8 = True  # q, k and v out of one FP8 matmul, their gradients cast in one pass (fp8_qkv.py)
+                switched += 1
+            for module in part.modules():  # the attention's proj, or the Linears inside LoRA adapters
+                if type(module) is nn.Linear and _fits(module) and module is not getattr(part, "qkv", None):
                     module.__class__ = FP8Linear
                     switched += 1
     return switched

@@ -25,6 +25,7 @@ from slm.errors import ConfigError
 from slm.model import short_attention
 from slm.model.fp8 import fp8_linear
 from slm.model.fp8_mlp import fp8_mlp
+from slm.model.fp8_qkv import fp8_qkv
 from slm.model.loss import linear_cross_entropy
 from slm.model.softmax_grad import mask_padding
 
@@ -95,14 +96,19 @@ class MultiHeadAttention(nn.Module):
         self.proj.residual_scale = True  # tells GPT._init_weights to shrink its init
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.fp8 = False  # qkv's training matmuls in FP8 (fp8_qkv.py; training.fp8: all)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x)
-        if cache is None and short_attention.supported(qkv, self.n_heads):  # short contexts on a GPU
-            y = short_attention.short_attention(qkv, self.n_heads, self.dropout if self.training else 0.0)
-            return self.resid_dropout(self.proj(y))
-        q, k, v = qkv.split(C, dim=2)
+        fp8 = self.fp8 and cache is None and torch.is_grad_enabled()
+        if fp8 and T > short_attention.MAX_T:  # q, k, v as three tensors: their gradients need no assembling
+            q, k, v = fp8_qkv(x, self.qkv.weight, self.qkv.bias)
+        else:
+            qkv = fp8_linear(x, self.qkv.weight, self.qkv.bias) if fp8 else self.qkv(x)
+            if cache is None and short_attention.supported(qkv, self.n_heads):  # short contexts on a GPU
+                y = short_attention.short_attention(qkv, self.n_heads, self.dropout if self.training else 0.0)
+                return self.resid_dropout(self.proj(y))
+            q, k, v = qkv.split(C, dim=2)
         # (B, T, C) -> (B, n_heads, T, head_dim)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
 
