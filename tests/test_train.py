@@ -149,3 +149,12 @@ def test_auto_batch_size_picks_a_split_and_a_resume_keeps_it(sample_data, tmp_pa
     monkeypatch.setattr(trainer, "auto_micro_batch", lambda cfg, device: None)  # a CPU: keep the config
     run_training(cfg)
     assert "auto_batch_size: keeping micro-batch 8" in capsys.readouterr().out
+
+
+def test_cuda_graphs_are_left_out_with_several_processes():
+    from slm.train.trainer import compile_mode
+
+    assert compile_mode("reduce-overhead", distributed=False) == "reduce-overhead"
+    assert compile_mode("reduce-overhead", distributed=True) == "default"
+    assert compile_mode("max-autotune", distributed=True) == "max-autotune-no-cudagraphs"
+    assert compile_mode("default", distributed=True) == "default"

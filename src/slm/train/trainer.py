@@ -69,6 +69,13 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), None))
 
 
+def compile_mode(mode: str, distributed: bool) -> str:
+    """The torch.compile mode to use: CUDA graphs only in one process (not tried with DDP's and FSDP's hooks)."""
+    if distributed:
+        return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+    return mode
+
+
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
@@ -114,8 +121,12 @@ class Trainer:
         self.cuda_graphs = False
         if tc.compile:
             if self.device.type == "cuda":
-                self.forward = torch.compile(self.model, mode=None if tc.compile_mode == "default" else tc.compile_mode)
-                self.cuda_graphs = tc.compile_mode in ("reduce-overhead", "max-autotune")
+                mode = compile_mode(tc.compile_mode, self.ctx.enabled)
+                if mode != tc.compile_mode:
+                    self._say(f"note: CUDA graphs (compile_mode {tc.compile_mode}) are used on one GPU; with "
+                              f"{tc.parallelism.upper()} the step compiles in {mode} mode")
+                self.forward = torch.compile(self.model, mode=None if mode == "default" else mode)
+                self.cuda_graphs = mode in ("reduce-overhead", "max-autotune")
             else:
                 self._say(f"note: torch.compile is used on CUDA only; running eagerly on {self.device.type}")
         self.train_forward = wrap_model(self.model, self.forward, self.ctx, tc.parallelism)  # + DDP / FSDP
