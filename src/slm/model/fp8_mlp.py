@@ -69,7 +69,7 @@ def bias_gelu_fp8(pre: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.T
     if not _kernels(pre):
         return bias_gelu_fp8_torch(pre, bias)
     pre = pre.contiguous()
-    (m, f), launch = pre.shape, _launch(*pre.shape, **FWD)
+    f, launch = pre.size(1), _launch(*pre.shape, **FWD)
     h8, inv = _gelu_outputs(pre, bias)
     _bias_gelu_fp8_kernel[launch.pop("grid")](pre, pre if bias is None else bias, h8, inv, f,
                                               HAS_BIAS=bias is not None, FAST=pre.is_cuda, **launch)
@@ -92,7 +92,7 @@ def gelu_backward_fp8(grad: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor 
     if not _kernels(pre):
         return gelu_backward_fp8_torch(grad, pre, bias)
     grad, pre = grad.contiguous(), pre.contiguous()
-    (m, f), launch = pre.shape, _launch(*pre.shape, **BWD)
+    f, launch = pre.size(1), _launch(*pre.shape, **BWD)
     dz, dz8, inv, h, _ = _gelu_backward_outputs(grad, pre, bias)
     sums = pre.new_empty((launch["grid"][0], f), dtype=torch.float32)  # column sums of each program's rows
     _gelu_backward_fp8_kernel[launch.pop("grid")](grad, pre, pre if bias is None else bias, dz, dz8, inv, h, sums,
