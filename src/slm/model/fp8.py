@@ -16,9 +16,9 @@ state and everything outside the matmuls stay as they were. Two recipes:
 
 It pays where the matmuls are large enough to outweigh the casts around them. On an H100 the output layer
 gained 11% of the step at 30M and 6.5% at 124M; on an H200 the MLPs gain another 3.7% at 124M
-(micro-batch 32: 566k tokens/s against 546k), with the validation loss of 100 steps unchanged. The
-attention's Linear layers, whose casts torch.compile cannot fuse into one pass, are about neutral
-(benchmarks/RESULTS.md).
+(micro-batch 32: 566k tokens/s against 546k) and the attention's Linear layers 1.0-1.7% more, with the
+validation loss of 100 steps unchanged (benchmarks/RESULTS.md). The attention's gain needs fp8_qkv.py:
+with the bias as a pass of its own and torch.compile's cast of the assembled qkv gradient, it was -2.9%.
 
 FP8 is used while training only; evaluation, generation and export run the same weights in bf16.
 ``torch._scaled_mm`` wants its first operand row-major and its second column-major (both with the
