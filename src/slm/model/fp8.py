@@ -74,6 +74,21 @@ def to_fp8_rows(t: torch.Tensor, dtype: torch.dtype = E4M3) -> tuple[torch.Tenso
     return (t.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
 
 
+def linear_fp8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` on the FP8 tensor cores, in ``x``'s dtype: x scaled per row (token), the
+    weight per output feature, the bias added in the matmul's epilogue (the forward of a block Linear)."""
+    x8, x_inv = to_fp8_rows(x)
+    w8, w_inv = to_fp8_rows(weight)
+    return scaled_mm(x8, x_inv, w8.t(), w_inv.t(), x.dtype, fast_accum=True,
+                     bias=None if bias is None else bias.to(x.dtype))
+
+
+def input_grad_fp8(g8: torch.Tensor, g_inv: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A Linear's input gradient ``g @ weight`` from the FP8 rows of ``g``, the weight scaled per input feature."""
+    wt8, wt_inv = to_fp8_rows(weight.t())
+    return scaled_mm(g8, g_inv, wt8.contiguous().t(), wt_inv.t(), dtype)
+
+
 class _FP8Linear(torch.autograd.Function):
     """A block Linear's matmuls: output and input gradient in FP8 with rowwise scales, weight gradient in bf16.
 
@@ -86,21 +101,16 @@ class _FP8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         # x: (M, K) in the compute dtype; weight: (N, K), bias: (N,) or None: master weights (float32 under autocast)
-        x8, x_inv = to_fp8_rows(x)
-        w8, w_inv = to_fp8_rows(weight)  # scale per output feature
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return scaled_mm(x8, x_inv, w8.t(), w_inv.t(), x.dtype, fast_accum=True,
-                         bias=None if bias is None else bias.to(x.dtype))  # the bias added in the matmul's epilogue
+        return linear_fp8(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:  # (M, N) @ (N, K): grad scaled per token, weight per input feature
-            g8, g_inv = to_fp8_rows(grad)
-            wt8, wt_inv = to_fp8_rows(weight.t())
-            grad_x = scaled_mm(g8, g_inv, wt8.contiguous().t(), wt_inv.t(), grad.dtype)
+        if ctx.needs_input_grad[0]:  # (M, N) @ (N, K): grad scaled per token
+            grad_x = input_grad_fp8(*to_fp8_rows(grad), weight, grad.dtype)
         if ctx.needs_input_grad[1]:  # (N, M) @ (M, K) in the compute dtype
             grad_w = (grad.t() @ x).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -29,7 +29,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from slm.model.fp8 import E4M3, compute_dtype, scaled_mm, to_fp8_rows
+from slm.model.fp8 import E4M3, compute_dtype, input_grad_fp8, linear_fp8, scaled_mm, to_fp8_rows
 
 try:  # Triton ships with the CUDA builds of PyTorch
     import triton
@@ -128,9 +128,7 @@ class _FP8MLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2):
         # x: (M, D) in the compute dtype; w1: (F, D), b1: (F,) or None, w2: (D, F): master weights
-        x8, x_inv = to_fp8_rows(x)
-        w1_8, w1_inv = to_fp8_rows(w1)
-        pre = scaled_mm(x8, x_inv, w1_8.t(), w1_inv.t(), x.dtype, fast_accum=True)  # fc, bias left to the kernel
+        pre = linear_fp8(x, w1)  # fc, its bias left to the GELU kernel
         h8, h_inv = bias_gelu_fp8(pre, b1)
         w2_8, w2_inv = to_fp8_rows(w2)
         ctx.save_for_backward(x, w1, b1, w2, pre)
@@ -141,13 +139,11 @@ class _FP8MLP(torch.autograd.Function):
         x, w1, b1, w2, pre = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2 = ctx.needs_input_grad
         grad_x = grad_w1 = grad_w2 = None
-        g8, g_inv = to_fp8_rows(grad)  # torch.compile fuses this cast, and b2's gradient, into one pass
-        w2t_8, w2t_inv = to_fp8_rows(w2.t())  # (F, D): scales per column of the gradient below
-        grad_h = scaled_mm(g8, g_inv, w2t_8.contiguous().t(), w2t_inv.t(), grad.dtype)  # (M, D) @ (D, F)
+        # torch.compile fuses this cast and b2's gradient (outside) into one pass
+        grad_h = input_grad_fp8(*to_fp8_rows(grad), w2, grad.dtype)  # (M, D) @ (D, F)
         grad_pre, grad_pre8, grad_pre_inv, h, grad_b1 = gelu_backward_fp8(grad_h, pre, b1)
         if need_x:
-            w1t_8, w1t_inv = to_fp8_rows(w1.t())  # (D, F)
-            grad_x = scaled_mm(grad_pre8, grad_pre_inv, w1t_8.contiguous().t(), w1t_inv.t(), grad.dtype)
+            grad_x = input_grad_fp8(grad_pre8, grad_pre_inv, w1, grad.dtype)
         if need_w1:  # the weight gradients in the compute dtype
             grad_w1 = (grad_pre.t() @ x).to(w1.dtype)
         grad_b1 = grad_b1.to(b1.dtype) if need_b1 else None

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from slm.model.fp8 import compute_dtype, scaled_mm, to_fp8_rows
+from slm.model.fp8 import compute_dtype, input_grad_fp8, linear_fp8, to_fp8_rows
 
 try:  # Triton ships with the CUDA builds of PyTorch
     import triton
@@ -71,23 +71,16 @@ class _FP8QKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         # x: (M, D) in the compute dtype; weight: (3D, D), bias: (3D,) or None: master weights
-        x8, x_inv = to_fp8_rows(x)
-        w8, w_inv = to_fp8_rows(weight)  # scale per output feature
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        out = scaled_mm(x8, x_inv, w8.t(), w_inv.t(), x.dtype, fast_accum=True,
-                        bias=None if bias is None else bias.to(x.dtype))
-        return out.split(x.size(1), dim=1)
+        return linear_fp8(x, weight, bias).split(x.size(1), dim=1)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         x, weight = ctx.saved_tensors
         dq, dk, dv = (torch.zeros_like(x) if g is None else g for g in (dq, dk, dv))
         g8, g_inv, grad_b = qkv_grad_fp8(dq, dk, dv)
-        grad_x = None
-        if ctx.needs_input_grad[0]:  # (M, 3D) @ (3D, D): the gradient scaled per token, W per input feature
-            wt8, wt_inv = to_fp8_rows(weight.t())
-            grad_x = scaled_mm(g8, g_inv, wt8.contiguous().t(), wt_inv.t(), x.dtype)
+        grad_x = input_grad_fp8(g8, g_inv, weight, x.dtype) if ctx.needs_input_grad[0] else None  # (M, 3D) @ (3D, D)
         grad_w = torch.cat([g.t() @ x for g in (dq, dk, dv)]).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, grad_b.to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
 
