@@ -101,8 +101,8 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         fp8 = self.fp8 and cache is None and torch.is_grad_enabled()
-        if fp8 and T > short_attention.MAX_T:  # q, k, v as three tensors: their gradients need no assembling
-            q, k, v = fp8_qkv(x, self.qkv.weight, self.qkv.bias)
+        if fp8 and not (x.is_cuda and T <= short_attention.MAX_T):  # short_attention wants qkv packed
+            q, k, v = fp8_qkv(x, self.qkv.weight, self.qkv.bias)  # three tensors: no gradient to assemble
         else:
             qkv = fp8_linear(x, self.qkv.weight, self.qkv.bias) if fp8 else self.qkv(x)
             if cache is None and short_attention.supported(qkv, self.n_heads):  # short contexts on a GPU
