@@ -95,8 +95,8 @@ def main(argv=None):
             mark += "  <- backward as shipped" if fp8_mlp.BWD == shipped[1] else ""
             forward = us(lambda: fp8_mlp.bias_gelu_fp8(pre, b1))
             backward = us(lambda: fp8_mlp.gelu_backward_fp8(grad, pre, b1))
-            print(f"  rows {rows:2d}, per_thread {per_thread:2d}: forward {forward:6.1f} us, backward {backward:6.1f} us"
-                  f"{mark}")
+            print(f"  rows {rows:2d}, per_thread {per_thread:2d}: forward {forward:6.1f} us, "
+                  f"backward {backward:6.1f} us{mark}")
     fp8_mlp.FWD.update(shipped[0])
     fp8_mlp.BWD.update(shipped[1])
     column_sum = torch.compile(lambda t: t.float().sum(0))

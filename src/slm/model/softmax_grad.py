@@ -26,9 +26,10 @@ cuBLAS's logits + the two kernels above); with d_model 768 the matmuls cost more
 (1.97 against 1.78 ms, measured with an earlier form of the gradient kernel), so loss.py uses it only up to
 ``RECOMPUTE_MAX_D`` (and, on Hopper, up to the Gluon kernels' 768, below). Its gradient kernel writes the
 row-major tile of G, then reads it back and stores it transposed: a transposed pointer store of values
-taken straight from the matmul's accumulator came out wrong with Triton 3.6 (benchmarks/RESULTS.md). On Hopper GPUs (H100, H200) a second form of that kernel
-is used instead where shapes allow: persistent (one program per SM) and moving its tiles with the TMA copy
-engine, which stores G's tile and its transpose straight from registers (9% faster per chunk). Faster
+taken straight from the matmul's accumulator came out wrong with Triton 3.6 (benchmarks/RESULTS.md). On
+Hopper GPUs (H100, H200) a second form of that kernel is used instead where shapes allow: persistent (one
+program per SM) and moving its tiles with the TMA copy engine, which stores G's tile and its transpose
+straight from registers (9% faster per chunk). Faster
 still, where d_model is a multiple of 128 up to 768 on Hopper, both passes run as Gluon kernels that
 overlap each tile's matmul with the previous tile's exp (softmax_grad_gluon.py; per chunk on an H200 at
 d_model 384 0.87 ms against 1.26 ms for the Triton kernels, at 768 1.47 ms against 1.66 ms for stored
