@@ -249,8 +249,10 @@ class Trainer:
         self._say(f"resumed from {path} at step {self.step:,} ({self.tokens_seen:,} tokens seen)")
 
     def _can_fold_clip(self) -> bool:
-        """Whether clip + step run as one optimizer kernel (not for fp16's loss scaling, nor FSDP's sharded norm)."""
-        return not self.fp16 and not self.fsdp and getattr(self.optimizer, "_step_supports_amp_scaling", False)
+        """Whether clip + step run as one optimizer kernel (not for fp16's loss scaling, nor FSDP's sharded norm;
+        PyTorch 2.6+ for ``get_total_norm``, the norm without clip_grad_norm_'s scaling pass)."""
+        return (not self.fp16 and not self.fsdp and hasattr(torch.nn.utils, "get_total_norm")
+                and getattr(self.optimizer, "_step_supports_amp_scaling", False))
 
     def _check_finite(self, last_loss: float, window: int) -> None:
         """Count the steps skipped since the last check; stop after ``max_bad_steps`` in a row."""
