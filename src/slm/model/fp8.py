@@ -125,10 +125,16 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def tokens_fit(x: torch.Tensor) -> bool:
+    """Whether ``x``'s token count (all dimensions but the last) suits the FP8 kernels, which need every
+    dimension, tokens too, in multiples of 16; where it does not, the FP8 functions run their plain form."""
+    return (x.numel() // x.size(-1)) % 16 == 0
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` with its matmuls in FP8 (dimensions must be multiples of 16)."""
     dtype = compute_dtype(x)
-    if (x.numel() // x.size(-1)) % 16:  # the FP8 kernels need every dimension, tokens too, in multiples of 16
+    if not tokens_fit(x):
         return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     with torch.autocast(x.device.type, enabled=False):
         return _FP8Linear.apply(x.reshape(-1, x.size(-1)).to(dtype), weight, bias).view(*x.shape[:-1], weight.size(0))

@@ -29,7 +29,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from slm.model.fp8 import E4M3, compute_dtype, input_grad_fp8, linear_fp8, scaled_mm, to_fp8_rows
+from slm.model.fp8 import E4M3, compute_dtype, input_grad_fp8, linear_fp8, scaled_mm, to_fp8_rows, tokens_fit
 
 try:  # Triton ships with the CUDA builds of PyTorch
     import triton
@@ -159,7 +159,7 @@ def fp8_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torc
     Sizes must be multiples of 16 (the FP8 tensor cores'); token counts that are not run the plain form.
     """
     dtype = compute_dtype(x)
-    if (x.numel() // x.size(-1)) % 16:
+    if not tokens_fit(x):
         w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (w1, b1, w2, b2))
         return F.linear(F.gelu(F.linear(x.to(dtype), w1, b1), approximate="tanh"), w2, b2)
     with torch.autocast(x.device.type, enabled=False):

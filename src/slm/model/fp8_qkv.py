@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from slm.model.fp8 import compute_dtype, input_grad_fp8, linear_fp8, to_fp8_rows
+from slm.model.fp8 import compute_dtype, fp8_linear, input_grad_fp8, linear_fp8, to_fp8_rows, tokens_fit
 
 try:  # Triton ships with the CUDA builds of PyTorch
     import triton
@@ -88,12 +88,10 @@ class _FP8QKV(torch.autograd.Function):
 def fp8_qkv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``F.linear(x, weight, bias).split(d_model, -1)`` with its matmuls in FP8 (sizes multiples of 16)."""
-    dtype = compute_dtype(x)
-    if (x.numel() // x.size(-1)) % 16:  # the FP8 kernels need every dimension, tokens too, in multiples of 16
-        out = torch.nn.functional.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-        return out.split(x.size(-1), dim=-1)
+    if not tokens_fit(x):
+        return fp8_linear(x, weight, bias).split(x.size(-1), dim=-1)  # its plain form
     with torch.autocast(x.device.type, enabled=False):
-        parts = _FP8QKV.apply(x.reshape(-1, x.size(-1)).to(dtype), weight, bias)
+        parts = _FP8QKV.apply(x.reshape(-1, x.size(-1)).to(compute_dtype(x)), weight, bias)
         return tuple(p.view(*x.shape) for p in parts)
 
 
