@@ -125,6 +125,21 @@ def test_fp8_qkv_is_close_to_the_exact_linear(bias):
         torch.testing.assert_close(o, r)
 
 
+def test_fp8_layers_compute_in_autocasts_dtype():
+    """Under bf16 autocast each FP8 layer hands back bf16 from a float32 input (a LayerNorm's output), as
+    F.linear would: asking the dtype after autocast is turned off inside gave float32, which _scaled_mm
+    refuses on a GPU once a bias is added in its epilogue ("Bias is not supported when out_dtype is Float32")."""
+    from slm.model.fp8 import fp8_linear
+    from slm.model.fp8_mlp import fp8_mlp
+    from slm.model.fp8_qkv import fp8_qkv
+
+    x, w1, b1, w2, b2 = mlp_inputs()
+    w3, b3 = torch.randn(192, 64) * 0.05, torch.randn(192)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [fp8_linear(x, w1, b1), fp8_mlp(x, w1, b1, w2, b2), *fp8_qkv(x, w3, b3)]
+    assert [o.dtype for o in outs] == [torch.bfloat16] * 5
+
+
 @pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs a GPU or the Triton interpreter (test_fp8_kernels_under_the_triton_interpreter)")
 def test_qkv_grad_fp8_kernel_matches_pytorch():

@@ -90,8 +90,9 @@ def fp8_qkv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """``F.linear(x, weight, bias).split(d_model, -1)`` with its matmuls in FP8 (sizes multiples of 16)."""
     if not tokens_fit(x):
         return fp8_linear(x, weight, bias).split(x.size(-1), dim=-1)  # its plain form
+    dtype = compute_dtype(x)  # autocast's, so asked before it is turned off below
     with torch.autocast(x.device.type, enabled=False):
-        parts = _FP8QKV.apply(x.reshape(-1, x.size(-1)).to(compute_dtype(x)), weight, bias)
+        parts = _FP8QKV.apply(x.reshape(-1, x.size(-1)).to(dtype), weight, bias)
         return tuple(p.view(*x.shape) for p in parts)
 
 
