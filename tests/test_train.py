@@ -158,3 +158,28 @@ def test_cuda_graphs_are_left_out_with_several_processes():
     assert compile_mode("reduce-overhead", distributed=True) == "default"
     assert compile_mode("max-autotune", distributed=True) == "max-autotune-no-cudagraphs"
     assert compile_mode("default", distributed=True) == "default"
+
+
+def test_bf16_residual_carries_the_stream_in_bf16_and_keeps_the_loss_curve(sample_data, tmp_path, capsys):
+    """training.bf16_residual halves the residual stream's bytes: the blocks see bf16, the loss barely moves."""
+    from slm.device import autocast
+
+    steps = dict(max_steps=60, eval_every=30, checkpoint_every=100, log_every=10, dtype="bfloat16")
+    base = run_training(small_config(sample_data, tmp_path / "a", **steps), progress=False)
+    cfg = small_config(sample_data, tmp_path / "b", bf16_residual=True, **steps)
+    half = run_training(cfg, progress=False)
+    assert half["val_loss"] == pytest.approx(base["val_loss"], abs=0.05)
+    assert half["val_loss"] < metrics(tmp_path / "b", "train/loss")[10]  # it learned
+
+    model = GPT(cfg.model)
+    seen = []
+    model.blocks[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    idx = torch.zeros(2, 8, dtype=torch.long)
+    for flag in (False, True):
+        model.bf16_residual = flag
+        with autocast(torch.device("cpu"), torch.bfloat16):
+            model(idx, idx)
+    assert seen == [torch.float32, torch.bfloat16]
+
+    run_training(small_config(sample_data, tmp_path / "c", bf16_residual=True, max_steps=2, warmup_steps=1), progress=True)
+    assert "bf16_residual applies to bfloat16 training" in capsys.readouterr().out

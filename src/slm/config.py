@@ -65,6 +65,7 @@ class TrainingConfig:
     attention: str = "auto"  # auto (slm's kernel to 128 tokens, else SDPA) | sdpa | flash | cudnn | efficient | math
     loss_chunk: int = 0  # > 0: fused output layer + cross-entropy, this many tokens at a time (no full logits; GPU)
     fp8: str = "none"  # FP8 matmuls on GPUs that have them (H100, L4, ...): none | head | mlp (+ the MLPs) | all
+    bf16_residual: bool = False  # with bfloat16: the residual stream between blocks in bf16 too (half its traffic)
     fused_optimizer: bool = True  # fused AdamW kernels on CUDA (one launch for all parameters); false = foreach
     prefetch: int = 2  # batches a background thread prepares ahead (pinned memory, async copy); 0 = inline
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from slm.errors import ConfigError
 from slm.model import short_attention
-from slm.model.fp8 import fp8_linear
+from slm.model.fp8 import compute_dtype, fp8_linear
 from slm.model.fp8_mlp import fp8_mlp
 from slm.model.fp8_qkv import fp8_qkv
 from slm.model.loss import linear_cross_entropy
@@ -177,6 +177,7 @@ class GPT(nn.Module):
         self.gradient_checkpointing = False  # recompute block activations in backward: less memory, ~30% more compute
         self.loss_chunk = 0  # > 0: output layer + cross-entropy fused, this many tokens at a time (see loss.py)
         self.fp8_head = False  # output layer's training matmuls in FP8 (see fp8.py)
+        self.bf16_residual = False  # under bf16 autocast: carry the residual stream in bf16, not float32
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module):
@@ -219,6 +220,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds context_length={self.config.context_length}")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        if self.bf16_residual and compute_dtype(x) == torch.bfloat16:
+            x = x.to(torch.bfloat16)  # each block then reads and writes half the bytes; LayerNorm still sums in fp32
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, use_reentrant=False)

@@ -115,6 +115,10 @@ class Trainer:
             else:
                 self._say(f"note: training.fp8={tc.fp8} needs FP8 tensor cores (compute capability 8.9+: L4, L40, "
                           f"H100, H200), which {_device_name(self.device)} lacks; training in {self.dtype} instead")
+        self.model.bf16_residual = tc.bf16_residual and self.dtype == torch.bfloat16
+        if tc.bf16_residual and not self.model.bf16_residual:
+            self._say(f"note: training.bf16_residual applies to bfloat16 training; this run is {self.dtype}, "
+                      f"its residual stream stays float32")
         self.run_dir = Path(tc.out_dir)
         self.logger = RunLogger(config, self.run_dir, enabled=self.ctx.is_main)
         self.forward = self.model  # what evaluation calls: the model, compiled on CUDA
