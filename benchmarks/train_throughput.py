@@ -63,7 +63,8 @@ LEVERS = {
     "fused loss (loss_chunk)": "training.loss_chunk=0",
     "vocab padded to 64": "model.vocab_multiple=1",
     "fused AdamW": "training.fused_optimizer=false",
-    "FP8 output layer": "training.fp8=none",
+    "FP8 matmuls": "training.fp8=none",
+    "bf16 residual stream": "training.bf16_residual=false",
 }
 
 

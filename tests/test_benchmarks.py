@@ -64,8 +64,8 @@ def test_levers_list_only_what_the_config_turns_on():
           for c in ("seed30m", "gpt_124m")}
     # gpt_124m also runs under CUDA graphs (compile_mode reduce-overhead)
     assert on["gpt_124m"] == on["seed30m"][:1] + ["compile mode"] + on["seed30m"][1:]
-    assert "FP8 output layer" in on["seed30m"]
-    assert not bench.lever_is_on("seed30m", ["training.fp8=none"], bench.LEVERS["FP8 output layer"])
+    assert "FP8 matmuls" in on["seed30m"] and "bf16 residual stream" in on["seed30m"]
+    assert not bench.lever_is_on("seed30m", ["training.fp8=none"], bench.LEVERS["FP8 matmuls"])
     assert "fused loss (loss_chunk)" in on["seed30m"] and "short-context attention kernel" in on["seed30m"]
     assert bench.lever_is_on("seed30m", ["training.attention=cudnn"], "training.attention=sdpa")
 
