@@ -264,8 +264,8 @@ def run_worker(spec: dict) -> dict:
     torch.backends.cudnn.allow_tf32 = True
     state = Path(spec["state"])
     cuda = spec["device"].startswith("cuda")
-    exclusive = spec.get("exclusive", False)  # a retry after running out of memory next to other settings
-    with gpu_lock() if exclusive else nullcontext():  # ... holds the GPU alone, compiling included
+    exclusive = spec.get("exclusive", False)  # a retry after running out of memory next to other settings, run
+    with gpu_lock() if exclusive else nullcontext():  # once all others are done: it holds the GPU, compile included
         mark(state, "compiling")
         while not exclusive and others(state, "queued"):  # compiled settings wait to be timed: let them go first
             mark(state, "compiling", False)
@@ -330,10 +330,10 @@ def launch(spec: dict, timeout: int, threads: int) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return {**spec, **json.loads(line[7:])}
-    if "out of memory" in proc.stderr.lower() and not spec.get("exclusive"):
-        return launch({**spec, "exclusive": True}, timeout, threads)  # again, with the GPU to itself
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {**spec, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    # the exception first (a traceback ends with it), then where it was raised
+    error = " | ".join([*lines[-1:], *lines[-3:-1]]) or f"exit code {proc.returncode}"
+    return {**spec, "error": error, "oom": "out of memory" in proc.stderr.lower()}
 
 
 def main() -> None:
@@ -396,12 +396,18 @@ def main() -> None:
           f"{peak / 1e12:.0f} TFLOP/s | {time.strftime('%Y-%m-%d')}", flush=True)
     threads = max(1, (os.cpu_count() or 4) // args.jobs)
     results = []
+    def record(r: dict) -> None:
+        if "error" not in r:
+            r["mfu"] = flops_per_token(r["config"], r["overrides"]) * r["tokens_per_sec"] / peak
+        results.append(r)
+        print(row(r), flush=True)
+
+    retry = []  # settings that ran out of memory next to others compiling: again at the end, the GPU to themselves
     with ThreadPoolExecutor(args.jobs) as pool:
-        for r in pool.map(lambda s: launch(s, args.timeout, threads), specs):
-            if "error" not in r:
-                r["mfu"] = flops_per_token(r["config"], r["overrides"]) * r["tokens_per_sec"] / peak
-            results.append(r)
-            print(row(r), flush=True)
+        for spec, r in zip(specs, pool.map(lambda s: launch(s, args.timeout, threads), specs)):
+            retry.append(spec) if r.get("oom") else record(r)
+    for spec in retry:
+        record(launch({**spec, "exclusive": True}, args.timeout, threads))
 
     print("\nsummary")
     print(header())

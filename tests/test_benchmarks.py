@@ -54,6 +54,40 @@ def test_train_throughput_runs_both_sides_and_the_levers(tmp_path):
     assert "best slm" in proc.stdout and "vs best nanoGPT" in proc.stdout
 
 
+def test_a_setting_out_of_memory_is_retried_alone_at_the_end_and_errors_name_the_exception(monkeypatch, capsys):
+    """Settings compile side by side: one that ran out of memory there runs again once the others are done
+    (holding the GPU); any failure's row leads with the exception, not the traceback's first lines."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    result = {"tokens_per_sec": 1000.0, "ms_per_step": 1.0, "compile_s": 1.0, "spread": 0.0, "quiet": True,
+              "loss": 5.0, "peak_mem_gib": 0.0}
+
+    def fake_run(cmd, **kwargs):
+        s = json.loads(cmd[-1])
+        variant, exclusive = " ".join(s["overrides"]), s.get("exclusive", False)
+        calls.append((variant, exclusive))
+        where = 'Traceback (most recent call last):\n  File "x.py", line 9, in call\n    extern_kernels.mm(a, b)\n'
+        if variant == "training.loss_chunk=0" and not exclusive:
+            return subprocess.CompletedProcess(cmd, 1, "", where + "torch.OutOfMemoryError: CUDA out of memory.")
+        if variant == "training.prefetch=0":
+            return subprocess.CompletedProcess(cmd, 1, "", where + "RuntimeError: mat1 and mat2 differ")
+        return subprocess.CompletedProcess(cmd, 0, "RESULT " + json.dumps(result), "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--device", "cpu", "--config", "tiny", "--variant",
+                                      "training.loss_chunk=0", "--variant", "training.prefetch=0"])
+    bench.main()
+    assert calls == [("", False), ("training.loss_chunk=0", False), ("training.prefetch=0", False),
+                     ("training.loss_chunk=0", True)]
+    out = capsys.readouterr().out
+    assert "failed: RuntimeError: mat1 and mat2 differ | " in out and "out of memory" not in out
+    assert out.split("summary")[1].count(" 1,000 ") == 2  # the base setting and the retried one
+
+
 def test_levers_list_only_what_the_config_turns_on():
     import importlib.util
 
