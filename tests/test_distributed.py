@@ -22,13 +22,24 @@ def losses(run_dir, key="train/loss"):
     return {r["step"]: r[key] for r in rows if key in r}
 
 
+def run_processes(args, timeout=300):
+    """Run a launcher (torchrun, ``slm train --gpus``) with one thread per process. If it hangs, fail with what
+    it printed so far: a bare TimeoutExpired shows none of it (one CI-like run hung here once, unexplained)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        said = [b.decode(errors="replace") if isinstance(b, bytes) else b or "" for b in (e.stdout, e.stderr)]
+        pytest.fail(f"no exit after {timeout}s: {' '.join(args[1:6])} ...\nstdout: {said[0][-2000:]}\n"
+                    f"stderr: {said[1][-3000:]}")
+
+
 def torchrun(n, data, out, *extra):
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "slm",
             "train", "--set", f"data.dir={data}", "--set", f"training.out_dir={out}", "--set", "training.batch_size=4"]
     for s in SETTINGS:
         args += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(args + list(extra), env=env, capture_output=True, text=True, timeout=300)
+    result = run_processes(args + list(extra))
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -97,8 +108,7 @@ def test_slm_train_gpus_launches_torchrun(sample_data, tmp_path):
             "--set", f"training.out_dir={tmp_path / 'g'}", "--set", "training.batch_size=2"]
     for s in SETTINGS:
         args += ["--set", s.replace("max_steps=12", "max_steps=4").replace("eval_every=6", "eval_every=4")]
-    result = subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                            timeout=300)
+    result = run_processes(args)
     assert result.returncode == 0, result.stderr[-2000:]
     launch = result.stdout.splitlines()[0]
     assert launch.startswith("launching: torchrun --standalone --nproc_per_node=2 -m slm train") and "--gpus" not in launch

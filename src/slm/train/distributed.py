@@ -10,6 +10,7 @@ resume on any number of processes, or on one.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -83,5 +84,13 @@ def mean_across_ranks(value: torch.Tensor, ctx: DistributedContext) -> torch.Ten
 
 
 def shutdown(ctx: DistributedContext) -> None:
+    """End the process group once the trainer holding it is gone.
+
+    A DDP model's reducer holds the group too. Freed after the group was destroyed, the reducer is the last
+    owner, and the group's destructor (joining gloo's threads) then runs with the GIL held: a gloo thread
+    waiting for the GIL deadlocks it (a CPU run hung so at exit, py-spy showed). So the caller drops the
+    trainer first, and gc.collect() frees whatever reference cycles kept it; the group then goes last, through
+    destroy_process_group, which releases the GIL."""
     if ctx.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

@@ -428,6 +428,7 @@ def run_training(cfg: Config, resume: bool = False, progress: bool = True, stop_
     if resume and not (run_dir / "last.pt").exists():
         raise CheckpointError(f"--resume: no {run_dir / 'last.pt'} to resume from; drop --resume to start fresh")
     dist = init_distributed(tc.device)
+    trainer = None
     try:
         # data: prepared once (by rank 0), then memory-mapped by every process
         data_dir = Path(cfg.data.dir)
@@ -466,4 +467,5 @@ def run_training(cfg: Config, resume: bool = False, progress: bool = True, stop_
             trainer.resume(run_dir / "last.pt")
         return trainer.train(stop_after)
     finally:
+        del trainer  # before the process group: see shutdown()
         shutdown(dist)
