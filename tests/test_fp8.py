@@ -1,7 +1,8 @@
 """FP8 training matmuls (training.fp8): close to the exact result, same parameters, errors for bad setups.
 
-The CPU runs torch._scaled_mm too, so the FP8 code path itself is checked here; its speed is measured on
-an H100 in benchmarks/RESULTS.md.
+On the CPU the FP8 code path runs with the same casts and scales, its products taken in float32 from the
+fp8 values (fp8.scaled_mm), so the path itself is checked here; its speed is measured on H100s and H200s
+in benchmarks/RESULTS.md.
 """
 
 import importlib.util
