@@ -396,6 +396,7 @@ def main() -> None:
           f"{peak / 1e12:.0f} TFLOP/s | {time.strftime('%Y-%m-%d')}", flush=True)
     threads = max(1, (os.cpu_count() or 4) // args.jobs)
     results = []
+
     def record(r: dict) -> None:
         if "error" not in r:
             r["mfu"] = flops_per_token(r["config"], r["overrides"]) * r["tokens_per_sec"] / peak
@@ -405,7 +406,10 @@ def main() -> None:
     retry = []  # settings that ran out of memory next to others compiling: again at the end, the GPU to themselves
     with ThreadPoolExecutor(args.jobs) as pool:
         for spec, r in zip(specs, pool.map(lambda s: launch(s, args.timeout, threads), specs)):
-            retry.append(spec) if r.get("oom") else record(r)
+            if r.get("oom"):
+                retry.append(spec)
+            else:
+                record(r)
     for spec in retry:
         record(launch({**spec, "exclusive": True}, args.timeout, threads))
 

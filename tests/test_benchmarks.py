@@ -34,6 +34,16 @@ class GPT(SlmGPT):
 '''
 
 
+def load_benchmark(name):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def test_train_throughput_runs_both_sides_and_the_levers(tmp_path):
     (tmp_path / "nano").mkdir()
     (tmp_path / "nano" / "model.py").write_text(FAKE_NANOGPT)
@@ -57,11 +67,7 @@ def test_train_throughput_runs_both_sides_and_the_levers(tmp_path):
 def test_a_setting_out_of_memory_is_retried_alone_at_the_end_and_errors_name_the_exception(monkeypatch, capsys):
     """Settings compile side by side: one that ran out of memory there runs again once the others are done
     (holding the GPU); any failure's row leads with the exception, not the traceback's first lines."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("train_throughput")
     calls = []
     result = {"tokens_per_sec": 1000.0, "ms_per_step": 1.0, "compile_s": 1.0, "spread": 0.0, "quiet": True,
               "loss": 5.0, "peak_mem_gib": 0.0}
@@ -89,11 +95,7 @@ def test_a_setting_out_of_memory_is_retried_alone_at_the_end_and_errors_name_the
 
 
 def test_levers_list_only_what_the_config_turns_on():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("train_throughput")
     on = {c: [lever for lever, off in bench.LEVERS.items() if bench.lever_is_on(c, [], off)]
           for c in ("seed30m", "gpt_124m")}
     # gpt_124m also runs under CUDA graphs (compile_mode reduce-overhead)
@@ -105,11 +107,7 @@ def test_levers_list_only_what_the_config_turns_on():
 
 
 def test_loss_benchmark_runs_and_checks_both_paths_against_the_exact_loss():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("loss_throughput", ROOT / "benchmarks" / "loss_throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("loss_throughput")
     bf16 = bench.measure(64, 32, 500, 32, False, "cpu", 1)
     fp8 = bench.measure(64, 32, 500, 32, True, "cpu", 1)
     assert bf16["ms"] > 0 and fp8["ms"] > 0

@@ -181,5 +181,6 @@ def test_bf16_residual_carries_the_stream_in_bf16_and_keeps_the_loss_curve(sampl
             model(idx, idx)
     assert seen == [torch.float32, torch.bfloat16]
 
-    run_training(small_config(sample_data, tmp_path / "c", bf16_residual=True, max_steps=2, warmup_steps=1), progress=True)
+    note = small_config(sample_data, tmp_path / "c", bf16_residual=True, max_steps=2, warmup_steps=1)
+    run_training(note, progress=True)
     assert "bf16_residual applies to bfloat16 training" in capsys.readouterr().out
